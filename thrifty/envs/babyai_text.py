@@ -1,0 +1,181 @@
+"""BabyAI-Text: minigrid's BabyAI levels with each egocentric observation rendered as one short line of text.
+
+The agent sees its 7x7 egocentric view (minigrid's own partial observation, occlusion included). We render:
+
+    facing east; carrying nothing; red ball 2 ahead 1 left; closed blue door 3 ahead 2 right; wall 3 ahead; wall 1 left
+
+- `facing` is the agent's absolute heading (minigrid's `direction`), needed for instructions that refer to the
+  start pose ("the ball behind you").
+- objects (key, ball, box, door, goal, lava) with colour, door state, and offsets in cells (`ahead` of the
+  agent, then `left`/`right`), nearest first;
+- `wall N ahead|left|right`: the first wall along each of the three rays from the agent, when seen.
+
+Actions are the 7 minigrid actions as words (`ACTIONS`). The expert is minigrid's `BabyAIBot`, replanned after
+every step with the action that was actually taken, so it also recovers from other agents' mistakes.
+
+Example:
+    >>> env = BabyAITextEnv("GoToLocal")
+    >>> obs, info = env.reset(seed=1_000_000_000)
+    >>> info["mission"].startswith("go to")
+    True
+    >>> obs, reward, terminated, truncated, info = env.step(ACTIONS.index(env.expert_action()))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import gymnasium as gym
+import minigrid  # noqa: F401  (registers the BabyAI ids)
+import numpy as np
+from gymnasium import spaces
+from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT
+from minigrid.utils.baby_ai_bot import BabyAIBot
+
+ACTIONS = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
+"""The 7 minigrid actions as words, in minigrid's index order."""
+
+LEVELS = {
+    "GoToLocal": "BabyAI-GoToLocal-v0",
+    "PickupLoc": "BabyAI-PickupLoc-v0",
+    "PutNextLocal": "BabyAI-PutNextLocal-v0",
+    "GoToObjMazeS4": "BabyAI-GoToObjMazeS4-v0",  # multi-room: 2x2 rooms joined by doors
+}
+"""Short level name -> minigrid id. GoToObjMazeS4 is the multi-room level (long episodes, 1-2k-token contexts)."""
+
+EVAL_SEED_BASE = 1_000_000_000
+"""Evaluation seeds are EVAL_SEED_BASE + i; training seeds are below it, so the two never overlap."""
+
+_DIRECTIONS = ("east", "south", "west", "north")
+_OBJECTS = {"key", "ball", "box", "door", "goal", "lava"}
+_DOOR_STATES = {0: "open", 1: "closed", 2: "locked"}
+_VIEW = 7
+_AGENT_X, _AGENT_Y = _VIEW // 2, _VIEW - 1  # the agent's cell in its own view, facing up (-y)
+
+
+class UnknownLevelError(ValueError):
+    pass
+
+
+def level_id(level: str) -> str:
+    """Map a short level name (or a full BabyAI id) to the minigrid id; unknown names get a clear error."""
+    if level in LEVELS:
+        return LEVELS[level]
+    if level in LEVELS.values():
+        return level
+    raise UnknownLevelError(f"unknown BabyAI-Text level {level!r}; choose one of: {', '.join(LEVELS)}")
+
+
+def train_seed(i: int) -> int:
+    if not 0 <= i < EVAL_SEED_BASE:
+        raise ValueError(f"training seed index must be in [0, {EVAL_SEED_BASE}), got {i}")
+    return i
+
+
+def eval_seed(i: int) -> int:
+    if i < 0:
+        raise ValueError(f"evaluation seed index must be >= 0, got {i}")
+    return EVAL_SEED_BASE + i
+
+
+def _offset(i: int, j: int) -> str:
+    """Cell (i, j) of the view -> 'N ahead M left' relative to the agent."""
+    ahead, right = _AGENT_Y - j, i - _AGENT_X
+    parts = []
+    if ahead:
+        parts.append(f"{ahead} ahead")
+    if right:
+        parts.append(f"{abs(right)} {'right' if right > 0 else 'left'}")
+    return " ".join(parts) or "here"
+
+
+def render_observation(image: np.ndarray, direction: int) -> str:
+    """Render minigrid's encoded view `image` (7, 7, 3) = (type, colour, state) and heading to one text line."""
+    carried = IDX_TO_OBJECT[int(image[_AGENT_X, _AGENT_Y, 0])]
+    if carried in _OBJECTS:
+        carrying = f"carrying {IDX_TO_COLOR[int(image[_AGENT_X, _AGENT_Y, 1])]} {carried}"
+    else:
+        carrying = "carrying nothing"
+    parts = [f"facing {_DIRECTIONS[direction]}", carrying]
+
+    objects = []
+    for i in range(_VIEW):
+        for j in range(_VIEW):
+            if (i, j) == (_AGENT_X, _AGENT_Y):
+                continue
+            kind = IDX_TO_OBJECT[int(image[i, j, 0])]
+            if kind not in _OBJECTS:
+                continue
+            colour = IDX_TO_COLOR[int(image[i, j, 1])]
+            name = f"{colour} {kind}"
+            if kind == "door":
+                name = f"{_DOOR_STATES[int(image[i, j, 2])]} {name}"
+            dist = abs(_AGENT_Y - j) + abs(i - _AGENT_X)
+            objects.append((dist, _AGENT_Y - j, i, f"{name} {_offset(i, j)}"))
+    parts += [text for *_, text in sorted(objects)]
+
+    # first wall along the rays ahead / left / right (stops at anything that is not empty floor)
+    for name, (di, dj) in (("ahead", (0, -1)), ("left", (-1, 0)), ("right", (1, 0))):
+        i, j, n = _AGENT_X + di, _AGENT_Y + dj, 1
+        while 0 <= i < _VIEW and 0 <= j < _VIEW:
+            kind = IDX_TO_OBJECT[int(image[i, j, 0])]
+            if kind == "wall":
+                parts.append(f"wall {n} {name}")
+                break
+            if kind != "empty":
+                break
+            i, j, n = i + di, j + dj, n + 1
+    return "; ".join(parts)
+
+
+class BabyAITextEnv(gym.Env):
+    """A BabyAI level with text observations. `step` takes an action index (see `ACTIONS`)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, level: str, max_steps: int | None = None):
+        self.level = level
+        self.level_id = level_id(level)
+        kwargs = {"max_steps": max_steps} if max_steps else {}
+        self._env = gym.make(self.level_id, **kwargs)
+        self.action_space = spaces.Discrete(len(ACTIONS))
+        self.observation_space = spaces.Text(max_length=2048)
+        self._bot: BabyAIBot | None = None
+        self.mission = ""
+
+    @property
+    def max_steps(self) -> int:
+        return self._env.unwrapped.max_steps
+
+    def reset(self, *, seed: int | None = None, options=None):
+        with contextlib.redirect_stdout(io.StringIO()):  # minigrid prints rejected samples during reset
+            obs, info = self._env.reset(seed=seed)
+        self.mission = obs["mission"]
+        self._bot = BabyAIBot(self._env.unwrapped)
+        self._expert_next: str | None = None
+        self._last_taken: int | None = None
+        text = render_observation(obs["image"], int(obs["direction"]))
+        return text, {**info, "mission": self.mission}
+
+    def expert_action(self) -> str:
+        """The expert's next action word for the current state (BabyAIBot)."""
+        if self._bot is None:
+            raise RuntimeError("call reset() before expert_action()")
+        if self._expert_next is None:
+            self._expert_next = ACTIONS[int(self._bot.replan(self._last_taken))]
+        return self._expert_next
+
+    def step(self, action: int):
+        if not self.action_space.contains(int(action)):
+            raise ValueError(f"action must be an index in [0, {len(ACTIONS)}), got {action!r}")
+        if self._bot is not None and self._expert_next is None:
+            self.expert_action()  # keep the bot's internal plan in step with the world
+        obs, reward, terminated, truncated, info = self._env.step(int(action))
+        self._last_taken = int(action)
+        self._expert_next = None
+        text = render_observation(obs["image"], int(obs["direction"]))
+        return text, float(reward), bool(terminated), bool(truncated), {**info, "mission": self.mission}
+
+    def close(self):
+        self._env.close()

@@ -1,0 +1,88 @@
+"""The technique protocol and the one registry that the CLI, the benchmarks and the tests all read.
+
+A technique is a small dataclass with validated fields and a few hooks the runtime calls during a decision.
+Every technique has a no-op setting that reproduces the full model exactly, and reports what it realised.
+
+Adding a technique (the checklist; see docs/techniques.md):
+1. `thrifty/techniques/<name>.py`: a `@register("<name>")` dataclass subclassing `Technique`;
+2. import it in `thrifty/techniques/__init__.py`;
+3. a row in docs/techniques.md (paper, fields, what it reports, what it cannot combine with);
+4. the shared test matrix picks it up from the registry; add its own invariant test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+LayerHook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+"""(layer_idx, hidden [1, q, d], positions [q]) -> sorted row indices to keep, or None to keep all."""
+
+
+@dataclass(frozen=True)
+class DecisionContext:
+    """What a technique may look at when a decision starts.
+
+    token_ids: the whole context (1-D LongTensor [T]); spans: name -> (start, end) in positions, with at least
+    "mission" and "observation" (the current observation and decision prompt); new_from: position of the first
+    token the model has not cached yet (0 for a full recompute); seed: per-decision seed for random choices.
+    """
+
+    token_ids: torch.Tensor
+    spans: dict[str, tuple[int, int]]
+    new_from: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Technique:
+    """Base class. Subclasses override the hooks they need and validate their fields in __post_init__."""
+
+    name: ClassVar[str] = "full"
+
+    def prefill_hook(self, ctx: DecisionContext, n_layers: int) -> LayerHook | None:
+        """A hook run after each decoder layer during prefill, or None (no change)."""
+        return None
+
+    def reset(self) -> None:
+        """Forget per-episode state (called at the start of every episode)."""
+
+    def report(self) -> dict[str, Any]:
+        """What the technique realised in the last decision (e.g. tokens kept per layer)."""
+        return {}
+
+    def settings(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+REGISTRY: dict[str, type[Technique]] = {}
+
+
+def register(name: str):
+    def deco(cls: type[Technique]) -> type[Technique]:
+        if name in REGISTRY:
+            raise ValueError(f"technique {name!r} registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+class UnknownTechniqueError(ValueError):
+    pass
+
+
+def build(name: str, **settings) -> Technique:
+    """Instantiate a registered technique by name with keyword settings."""
+    if name not in REGISTRY:
+        raise UnknownTechniqueError(f"unknown technique {name!r}; registered: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](**settings)
+
+
+@register("full")
+@dataclass
+class Full(Technique):
+    """The baseline: the whole context through every layer, recomputed at every decision."""

@@ -1,0 +1,294 @@
+"""Recipe: the BabyAI-Text planner, a small Llama trained from scratch by behaviour cloning on expert transcripts.
+
+Reads top to bottom:
+1. collect expert transcripts on training seeds (BabyAIBot), with DART-style noise: at a few steps a random move is
+   *taken* instead of the expert's, so the data shows how to recover, while the label stays the expert's action;
+2. train a byte-level BPE tokenizer on the transcripts' text;
+3. encode each whole episode as one sequence (mission, then every observation and action; contexts reach 1-2k
+   tokens on the multi-room level) with labels only on the action tokens;
+4. train the Llama with AdamW and a cosine schedule, checkpointing so an interrupted run resumes;
+5. save a Hugging Face model directory (safetensors, tokenizer) plus `card.json` saying how it was made.
+
+Closed-loop success is measured afterwards by `thrifty bench planner` (see README) and written into the card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from thrifty.agents.transcript import Transcript
+from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv, LEVELS, train_seed
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
+
+
+@dataclass
+class PlannerRecipe:
+    levels: list[str] = field(default_factory=lambda: list(LEVELS))
+    """levels to collect expert transcripts on"""
+    episodes_per_level: dict[str, int] = field(default_factory=lambda: {
+        "GoToLocal": 2000, "PickupLoc": 2500, "PutNextLocal": 2000, "GoToObjMazeS4": 1200})
+    """expert episodes per level (training seeds 0..n-1 of each level)"""
+    noise: float = 0.15
+    """probability that a random move (left/right/forward) is taken instead of the expert's action"""
+    noisy_episode_fraction: float = 0.5
+    """fraction of episodes that get noise; the rest are clean expert runs"""
+    vocab_size: int = 384
+    """BPE vocabulary size (capped by what the corpus supports)"""
+    hidden_size: int = 192
+    num_layers: int = 6
+    num_heads: int = 6
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    max_positions: int = 4096
+    """RoPE positions the model accepts; training sequences are cut at `max_train_tokens`"""
+    max_train_tokens: int = 2048
+    tokens_per_batch: int = 8_000
+    """padded tokens per optimisation step"""
+    steps: int = 700
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 25
+    threads: int = 2
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn())
+
+
+# 1. expert transcripts -------------------------------------------------------------------------------------------
+
+def collect_episode(level: str, seed: int, noise: float, rng: random.Random) -> dict:
+    """One expert episode; `labels[i]` is the expert's action at step i, `taken[i]` what was done."""
+    env = BabyAITextEnv(level)
+    obs, info = env.reset(seed=seed)
+    observations, taken, labels = [obs], [], []
+    done, reward = False, 0.0
+    while not done:
+        expert = env.expert_action()
+        action = rng.choice(ACTIONS[:3]) if rng.random() < noise else expert
+        obs, reward, terminated, truncated, _ = env.step(ACTIONS.index(action))
+        labels.append(expert)
+        taken.append(action)
+        observations.append(obs)
+        done = terminated or truncated
+    env.close()
+    return {"level": level, "seed": seed, "mission": info["mission"], "observations": observations[:-1],
+            "taken": taken, "labels": labels, "success": reward > 0}
+
+
+def collect_transcripts(recipe: PlannerRecipe, path: Path) -> list[dict]:
+    """Collect (or reload) the recipe's expert transcripts as JSON lines at `path`."""
+    if path.exists():
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    rng = random.Random(recipe.seed)
+    episodes = []
+    total = sum(recipe.episodes_per_level[lv] for lv in recipe.levels)
+    with _progress() as bar:
+        task = bar.add_task("expert transcripts", total=total)
+        for level in recipe.levels:
+            for i in range(recipe.episodes_per_level[level]):
+                noise = recipe.noise if rng.random() < recipe.noisy_episode_fraction else 0.0
+                episodes.append(collect_episode(level, train_seed(i), noise, rng))
+                bar.advance(task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    tmp.replace(path)
+    return episodes
+
+
+# 2. tokenizer ----------------------------------------------------------------------------------------------------
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    # every action word must become one token, even the ones the expert never says (e.g. "done")
+    primer = ["".join(f"act: {word}\n" for word in ACTIONS)] * 200
+    tok.train_from_iterator(list(texts) + primer, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    for word in ACTIONS:  # the loss and the parser rely on one token per action word
+        ids = hf.encode(f" {word}", add_special_tokens=False)
+        if len(ids) != 1:
+            raise RuntimeError(f"action {word!r} is {len(ids)} tokens; collect more data or raise vocab_size")
+    return hf
+
+
+# 3. encoding -----------------------------------------------------------------------------------------------------
+
+def encode_episode(tokenizer, episode: dict, max_tokens: int) -> tuple[list[int], list[int]]:
+    """Input ids of the whole episode and labels (-100 except on action tokens and their newline)."""
+    t = Transcript(episode["mission"], episode["observations"], episode["taken"])
+    ids, labels = [tokenizer.bos_token_id], [-100]
+    step = 0
+    for kind, text in t.segments():
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        if kind == "action":
+            expert = tokenizer.encode(f" {episode['labels'][step]}", add_special_tokens=False)[0]
+            lab = [expert] + piece[1:]  # expert's word as the target; the taken word stays in the input
+            step += 1
+        else:
+            lab = [-100] * len(piece)
+        if len(ids) + len(piece) > max_tokens:
+            break
+        ids += piece
+        labels += lab
+    # labels are next-token targets: shift so position i predicts token i+1
+    return ids[:-1], labels[1:]
+
+
+def make_batches(encoded: list[tuple[list[int], list[int]]], tokens_per_batch: int,
+                 rng: random.Random) -> list[list[int]]:
+    """Group sequences of similar length so each padded batch holds about `tokens_per_batch` tokens."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    batches, cur, cur_max = [], [], 0
+    for i in order:
+        n = len(encoded[i][0])
+        if cur and max(cur_max, n) * (len(cur) + 1) > tokens_per_batch:
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(encoded, idx: list[int], pad_id: int):
+    n = max(len(encoded[i][0]) for i in idx)
+    ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(idx), n), dtype=torch.long)
+    for r, i in enumerate(idx):
+        x, y = encoded[i]
+        ids[r, : len(x)] = torch.tensor(x)
+        labels[r, : len(y)] = torch.tensor(y)
+        mask[r, : len(x)] = 1
+    return ids, labels, mask
+
+
+# 4. training -----------------------------------------------------------------------------------------------------
+
+def build_model(recipe: PlannerRecipe, vocab_size: int, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads, max_position_embeddings=recipe.max_positions,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(recipe.seed)
+    return LlamaForCausalLM(cfg)
+
+
+def lr_at(recipe: PlannerRecipe, step: int) -> float:
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    frac = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return recipe.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: str = "") -> Path:
+    """Run the whole recipe; resumes from `run_dir/checkpoint.pt` when its fingerprint matches."""
+    torch.set_num_threads(recipe.threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    episodes = collect_transcripts(recipe, run_dir / "transcripts.jsonl")
+    texts = [Transcript(e["mission"], e["observations"], e["taken"]).text() for e in episodes]
+    tokenizer = train_tokenizer(texts, recipe.vocab_size)
+    encoded = [encode_episode(tokenizer, e, recipe.max_train_tokens) for e in episodes]
+    n_tokens = sum(len(x) for x, _ in encoded)
+    n_labels = sum(sum(1 for v in y if v != -100) for _, y in encoded)
+
+    model = build_model(recipe, len(tokenizer), tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
+    rng = random.Random(recipe.seed)
+    step, losses, train_seconds = 0, [], 0.0
+    ckpt = run_dir / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["fingerprint"] == recipe.fingerprint():
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            step, losses, train_seconds = state["step"], state["losses"], state["train_seconds"]
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+    batches: list[list[int]] = []
+    model.train()
+    with _progress() as bar:
+        task = bar.add_task("planner BC", total=recipe.steps, completed=step)
+        while step < recipe.steps:
+            if not batches:
+                batches = make_batches(encoded, recipe.tokens_per_batch, rng)
+            t0 = time.time()
+            ids, labels, mask = collate(encoded, batches.pop(), tokenizer.pad_token_id)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(recipe, step)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            train_seconds += time.time() - t0
+            losses.append(round(loss.item(), 5))
+            bar.update(task, completed=step, description=f"planner BC loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            if step % recipe.checkpoint_every == 0 or step == recipe.steps:
+                tmp = ckpt.with_suffix(".tmp")
+                torch.save({"fingerprint": recipe.fingerprint(), "model": model.state_dict(), "opt": opt.state_dict(),
+                            "step": step, "losses": losses, "train_seconds": train_seconds, "rng": rng.getstate(),
+                            "torch_rng": torch.get_rng_state()}, tmp)
+                tmp.replace(ckpt)
+
+    # 5. save the model directory and its card
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    card = {
+        "name": "thrifty BabyAI-Text planner",
+        "architecture": "LlamaForCausalLM",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "recipe": dataclasses.asdict(recipe),
+        "command": command or "thrifty train planner",
+        "data": {"episodes": len(episodes), "tokens": n_tokens, "labelled_tokens": n_labels,
+                 "episodes_per_level": {lv: recipe.episodes_per_level[lv] for lv in recipe.levels},
+                 "expert_success": sum(e["success"] for e in episodes) / len(episodes),
+                 "seeds": "training seeds 0..n-1 per level; evaluation uses seeds >= 1e9 (disjoint)"},
+        "seed": recipe.seed,
+        "training": {"steps": step, "train_seconds": round(train_seconds, 1),
+                     "wall_seconds_this_run": round(time.time() - t_start, 1),
+                     "threads": recipe.threads, "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:]))},
+        "loss_curve_every_50": losses[::50],
+        "success": {},
+    }
+    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return out_dir
