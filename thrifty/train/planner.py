@@ -43,7 +43,7 @@ class PlannerRecipe:
     """probability that a random move (left/right/forward) is taken instead of the expert's action"""
     noisy_episode_fraction: float = 0.5
     """fraction of episodes that get noise; the rest are clean expert runs"""
-    vocab_size: int = 384
+    vocab_size: int = 512
     """BPE vocabulary size (capped by what the corpus supports)"""
     hidden_size: int = 192
     num_layers: int = 6
@@ -64,7 +64,14 @@ class PlannerRecipe:
     threads: int = 2
 
     def fingerprint(self) -> str:
+        """Identifies a training run: a checkpoint is resumed only by the same recipe."""
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def data_fingerprint(self) -> str:
+        """Identifies the expert transcripts (only the fields that change them)."""
+        keys = ("levels", "episodes_per_level", "noise", "noisy_episode_fraction", "seed")
+        data = {k: getattr(self, k) for k in keys}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _progress() -> Progress:
@@ -126,7 +133,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     # every action word must become one token, even the ones the expert never says (e.g. "done")
-    primer = ["".join(f"act: {word}\n" for word in ACTIONS)] * 200
+    primer = ["".join(f"act: {word}\n" for word in ACTIONS)] * max(200, len(texts))
     tok.train_from_iterator(list(texts) + primer, trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     for word in ACTIONS:  # the loss and the parser rely on one token per action word
@@ -217,7 +224,7 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
     torch.set_num_threads(recipe.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    episodes = collect_transcripts(recipe, run_dir / "transcripts.jsonl")
+    episodes = collect_transcripts(recipe, run_dir / f"transcripts-{recipe.data_fingerprint()}.jsonl")
     texts = [Transcript(e["mission"], e["observations"], e["taken"]).text() for e in episodes]
     tokenizer = train_tokenizer(texts, recipe.vocab_size)
     encoded = [encode_episode(tokenizer, e, recipe.max_train_tokens) for e in episodes]

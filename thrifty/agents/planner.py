@@ -1,0 +1,181 @@
+"""The planner loop: build the context, call the planner through a session, parse the action, step the env.
+
+One decision = one call of the model: prefill of the context (or of its new part, when a technique keeps the
+cache) and a bounded greedy decode of the action. Every decision yields a `CostRecord`; every episode a result
+dict that the bench harness writes as one JSON line.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thrifty.agents.transcript import ACT_PROMPT, action_segment, mission_segment, observation_segment
+from thrifty.backbones import HFDecoder
+from thrifty.cost import CostRecord, PeakRSS, Stopwatch, forward_flops, kv_bytes
+from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv
+from thrifty.runtime import Session
+from thrifty.techniques import DecisionContext, Full, Technique
+
+DEFAULT_ACTION = "left"
+"""What an unparseable planner output is replaced by: turning never changes the world, so it is always safe."""
+
+REPLAN_TRIGGERS = ("every_step", "on_change")
+
+
+def parse_action(text: str) -> str | None:
+    """The action word at the start of the planner's output, or None when there is none. Never raises."""
+    if not isinstance(text, str):
+        return None
+    words = text.strip().split()
+    if not words:
+        return None
+    word = words[0].strip(".,;:!").lower()
+    return word if word in ACTIONS else None
+
+
+@dataclass
+class PlannerContext:
+    """The append-only token context of one episode, with its spans in token positions.
+
+    spans: "mission" (the mission line), "observation" (the current observation and the decision prompt),
+    "stable_prefix" (everything before the current observation: what later decisions share).
+    """
+
+    tokenizer: Any
+    ids: list[int] = field(default_factory=list)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def _append(self, text: str) -> tuple[int, int]:
+        start = len(self.ids)
+        self.ids += self.tokenizer.encode(text, add_special_tokens=False)
+        return start, len(self.ids)
+
+    def start(self, mission: str) -> None:
+        self.ids = [self.tokenizer.bos_token_id]
+        self.spans = {"mission": self._append(mission_segment(mission))}
+
+    def add_observation(self, observation: str) -> None:
+        start, _ = self._append(observation_segment(observation))
+        _, end = self._append(ACT_PROMPT)
+        self.spans["stable_prefix"] = (0, start)
+        self.spans["observation"] = (start, end)
+
+    def add_action(self, action: str) -> None:
+        self._append(action_segment(action))
+
+
+class TextPlanner:
+    """A causal LM used as a planner: `decide(context)` returns the generated text and a `CostRecord`."""
+
+    def __init__(self, backbone: HFDecoder, tokenizer, technique: Technique | None = None,
+                 max_new_tokens: int = 3):
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.technique = technique or Full()
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = tuple(tokenizer.encode("\n", add_special_tokens=False))
+
+    @classmethod
+    def load(cls, model_dir: str | Path, technique: Technique | None = None, **kw) -> "TextPlanner":
+        from transformers import AutoTokenizer
+
+        backbone = HFDecoder.load(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return cls(backbone, tokenizer, technique, **kw)
+
+    def reset(self) -> None:
+        self.technique.reset()
+
+    def decide(self, context: PlannerContext, seed: int = 0) -> tuple[str, CostRecord]:
+        ids = torch.tensor(context.ids, dtype=torch.long)
+        ctx = DecisionContext(token_ids=ids, spans=dict(context.spans), new_from=0, seed=seed)
+        shape = self.backbone.shape
+        with PeakRSS() as mem, Stopwatch() as sw:
+            session = Session(self.backbone)
+            hook = self.technique.prefill_hook(ctx, shape.n_layers)
+            pre = session.extend(ids[None], logits="last", layer_hook=hook)
+            out = session.decode(self.max_new_tokens, stop_ids=self.stop_ids)
+            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        prefill_flops = forward_flops(shape, pre.works, n_logits=1)
+        decode_flops = sum(forward_flops(shape, w, n_logits=1) for w in out.works)
+        record = CostRecord(
+            tokens_in=len(context.ids), tokens_context=len(context.ids), tokens_out=len(out.token_ids),
+            tokens_per_layer=[w.queries for w in pre.works], kv_per_layer=session.kv_lengths(),
+            prefix_tokens_reused=0, flops=prefill_flops + decode_flops, prefill_flops=prefill_flops,
+            wall_s=sw.seconds, peak_rss_bytes=mem.peak_bytes, kv_bytes=kv_bytes(session.kv_tensors()),
+            exit_layer=shape.n_layers)
+        return text, record
+
+
+@dataclass
+class EpisodeConfig:
+    replan: str = "every_step"
+    """every_step: call the planner at every step; on_change: only when the observation text changed
+    (otherwise the previous action is repeated and no decision is made)"""
+    max_steps: int | None = None
+    """cap on environment steps (default: the level's own max_steps)"""
+
+    def __post_init__(self) -> None:
+        if self.replan not in REPLAN_TRIGGERS:
+            raise ValueError(f"replan must be one of {REPLAN_TRIGGERS}, got {self.replan!r}")
+
+
+def run_episode(planner: TextPlanner, level: str, seed: int, config: EpisodeConfig | None = None) -> dict:
+    """Play one episode of `level` from `seed` with the planner; returns the per-episode result dict."""
+    config = config or EpisodeConfig()
+    env = BabyAITextEnv(level, max_steps=config.max_steps)
+    obs, info = env.reset(seed=seed)
+    planner.reset()
+    context = PlannerContext(planner.tokenizer)
+    context.start(info["mission"])
+    records: list[CostRecord] = []
+    actions: list[str] = []
+    unparseable = 0
+    prev_obs, prev_action = None, None
+    reward, done, steps = 0.0, False, 0
+    while not done:
+        context.add_observation(obs)
+        if config.replan == "on_change" and obs == prev_obs and prev_action is not None:
+            action = prev_action
+        else:
+            text, record = planner.decide(context, seed=seed * 1000 + steps)
+            records.append(record)
+            action = parse_action(text)
+            if action is None:
+                unparseable += 1
+                action = DEFAULT_ACTION
+        context.add_action(action)
+        actions.append(action)
+        prev_obs, prev_action = obs, action
+        obs, reward, terminated, truncated, _ = env.step(ACTIONS.index(action))
+        steps += 1
+        done = terminated or truncated
+    env.close()
+    walls = [r.wall_s for r in records]
+    return {
+        "mission": info["mission"],
+        "success": bool(reward > 0),
+        "reward": reward,
+        "steps": steps,
+        "decisions": len(records),
+        "unparseable": unparseable,
+        "actions": actions,
+        "tokens_context_mean": statistics.fmean(r.tokens_context for r in records) if records else 0.0,
+        "tokens_context_max": max((r.tokens_context for r in records), default=0),
+        "flops_total": sum(r.flops for r in records),
+        "prefill_flops_total": sum(r.prefill_flops for r in records),
+        "wall_median_s": statistics.median(walls) if walls else 0.0,
+        "wall_total_s": sum(walls),
+        "peak_rss_bytes": max((r.peak_rss_bytes for r in records), default=0),
+        "kv_bytes_max": max((r.kv_bytes for r in records), default=0),
+        "per_decision": {  # compact per-decision series for plots
+            "tokens_context": [r.tokens_context for r in records],
+            "flops": [r.flops for r in records],
+            "wall_s": [round(r.wall_s, 6) for r in records],
+        },
+    }

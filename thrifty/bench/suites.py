@@ -1,0 +1,109 @@
+"""Suites: named sets of configurations x levels x evaluation seeds, and the episode function that runs one job.
+
+A configuration names a technique from the registry, its settings, and the replanning trigger. Later techniques
+add their configurations here; `demo` is what `make demo` runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thrifty.bench.results import Job
+from thrifty.envs.babyai_text import LEVELS, eval_seed, level_id
+
+SHIPPED_PLANNER = Path(__file__).resolve().parent.parent / "assets" / "planner"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    technique: str = "full"
+    settings: dict[str, Any] = field(default_factory=dict)
+    replan: str = "every_step"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "technique": self.technique, "settings": dict(self.settings),
+                "replan": self.replan}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    configs: tuple[BenchConfig, ...]
+    levels: tuple[str, ...] = tuple(LEVELS)
+    episodes: int = 10
+    """episodes per (config, level), on evaluation seeds eval_seed(0..episodes-1)"""
+
+    def jobs(self, episodes: int | None = None, levels: tuple[str, ...] | None = None) -> list[Job]:
+        n = self.episodes if episodes is None else episodes
+        return [Job(self.name, c.name, lv, eval_seed(i), i)
+                for c in self.configs for lv in (levels or self.levels) for i in range(n)]
+
+
+SUITES: dict[str, Suite] = {
+    "demo": Suite("demo", "the shipped planner on BabyAI-Text, full model, a few minutes on 2 cores",
+                  (BenchConfig("full"),), episodes=10),
+    "planner": Suite("planner", "the shipped planner's success per level (README and card figures)",
+                     (BenchConfig("full"),), episodes=100),
+    "replan": Suite("replan", "replanning at every step vs only when the observation changed",
+                    (BenchConfig("full"), BenchConfig("full-on-change", replan="on_change")), episodes=20),
+}
+
+
+class UnknownSuiteError(ValueError):
+    pass
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise UnknownSuiteError(f"unknown suite {name!r}; available suites: {', '.join(SUITES)}")
+    return SUITES[name]
+
+
+def check_levels(levels: list[str] | None) -> tuple[str, ...] | None:
+    if not levels:
+        return None
+    for lv in levels:
+        level_id(lv)  # raises UnknownLevelError naming the levels
+    return tuple(levels)
+
+
+# --- the episode function (top level and plain-data arguments, so Ray can ship it) --------------------------------
+
+_PLANNERS: dict[tuple, Any] = {}
+
+
+def _planner_for(model_dir: str, config: dict):
+    from thrifty.agents.planner import TextPlanner
+    from thrifty.techniques import build
+
+    key = (model_dir, config["technique"], tuple(sorted(config["settings"].items())))
+    if key not in _PLANNERS:
+        technique = build(config["technique"], **config["settings"])
+        _PLANNERS[key] = TextPlanner.load(model_dir, technique=technique)
+    return _PLANNERS[key]
+
+
+def run_job(job: Job, configs: dict[str, dict], model_dir: str, threads: int) -> dict:
+    """Play the episode `job` names with its configuration; returns the result dict."""
+    from thrifty.agents.planner import EpisodeConfig, run_episode
+
+    torch.set_num_threads(threads)
+    config = configs[job.config]
+    planner = _planner_for(model_dir, config)
+    result = run_episode(planner, job.level, job.seed, EpisodeConfig(replan=config["replan"]))
+    result["threads"] = threads
+    return result
+
+
+def episode_fn(suite: Suite, model_dir: str | Path, threads: int | None = None):
+    threads = threads or min(2, os.cpu_count() or 1)
+    return partial(run_job, configs={c.name: c.as_dict() for c in suite.configs}, model_dir=str(model_dir),
+                   threads=threads)
