@@ -79,6 +79,7 @@ class TextPlanner:
         self.technique = technique or Full()
         self.max_new_tokens = max_new_tokens
         self.stop_ids = tuple(tokenizer.encode("\n", add_special_tokens=False))
+        self.last_report: dict = {}
 
     @classmethod
     def load(cls, model_dir: str | Path, technique: Technique | None = None, **kw) -> "TextPlanner":
@@ -92,23 +93,27 @@ class TextPlanner:
         self.technique.reset()
 
     def decide(self, context: PlannerContext, seed: int = 0) -> tuple[str, CostRecord]:
+        """One planner call: the technique picks the session (fresh, or a kept prefix) and the prefill hook."""
         ids = torch.tensor(context.ids, dtype=torch.long)
-        ctx = DecisionContext(token_ids=ids, spans=dict(context.spans), new_from=0, seed=seed)
+        ctx = DecisionContext(token_ids=ids, spans=dict(context.spans), seed=seed)
         shape = self.backbone.shape
         with PeakRSS() as mem, Stopwatch() as sw:
-            session = Session(self.backbone)
-            hook = self.technique.prefill_hook(ctx, shape.n_layers)
-            pre = session.extend(ids[None], logits="last", layer_hook=hook)
+            session, new_from = self.technique.open_session(self.backbone, ctx)
+            hook = self.technique.prefill_hook(ctx, shape.n_layers, new_from)
+            pre = session.extend(ids[new_from:], logits="last", layer_hook=hook)
+            decode_from = session.next_position
             out = session.decode(self.max_new_tokens, stop_ids=self.stop_ids)
             text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            self.technique.close_session(session, ctx, decode_from)
         prefill_flops = forward_flops(shape, pre.works, n_logits=1)
         decode_flops = sum(forward_flops(shape, w, n_logits=1) for w in out.works)
         record = CostRecord(
-            tokens_in=len(context.ids), tokens_context=len(context.ids), tokens_out=len(out.token_ids),
+            tokens_in=len(context.ids) - new_from, tokens_context=len(context.ids), tokens_out=len(out.token_ids),
             tokens_per_layer=[w.queries for w in pre.works], kv_per_layer=session.kv_lengths(),
-            prefix_tokens_reused=0, flops=prefill_flops + decode_flops, prefill_flops=prefill_flops,
+            prefix_tokens_reused=new_from, flops=prefill_flops + decode_flops, prefill_flops=prefill_flops,
             wall_s=sw.seconds, peak_rss_bytes=mem.peak_bytes, kv_bytes=kv_bytes(session.kv_tensors()),
             exit_layer=shape.n_layers)
+        self.last_report = self.technique.report()
         return text, record
 
 
@@ -135,6 +140,7 @@ def run_episode(planner: TextPlanner, level: str, seed: int, config: EpisodeConf
     context.start(info["mission"])
     records: list[CostRecord] = []
     actions: list[str] = []
+    reports: list[dict] = []
     unparseable = 0
     prev_obs, prev_action = None, None
     reward, done, steps = 0.0, False, 0
@@ -145,6 +151,7 @@ def run_episode(planner: TextPlanner, level: str, seed: int, config: EpisodeConf
         else:
             text, record = planner.decide(context, seed=seed * 1000 + steps)
             records.append(record)
+            reports.append(planner.last_report)
             action = parse_action(text)
             if action is None:
                 unparseable += 1
@@ -173,8 +180,14 @@ def run_episode(planner: TextPlanner, level: str, seed: int, config: EpisodeConf
         "wall_total_s": sum(walls),
         "peak_rss_bytes": max((r.peak_rss_bytes for r in records), default=0),
         "kv_bytes_max": max((r.kv_bytes for r in records), default=0),
+        "technique": planner.technique.name,
+        "technique_reports": reports if any(reports) else [],
+        "prefix_tokens_reused_total": sum(r.prefix_tokens_reused for r in records),
+        "tokens_in_total": sum(r.tokens_in for r in records),
         "per_decision": {  # compact per-decision series for plots
             "tokens_context": [r.tokens_context for r in records],
+            "tokens_in": [r.tokens_in for r in records],
+            "tokens_per_layer": [r.tokens_per_layer for r in records],
             "flops": [r.flops for r in records],
             "wall_s": [round(r.wall_s, 6) for r in records],
         },

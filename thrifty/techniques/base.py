@@ -26,14 +26,14 @@ LayerHook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 class DecisionContext:
     """What a technique may look at when a decision starts.
 
-    token_ids: the whole context (1-D LongTensor [T]); spans: name -> (start, end) in positions, with at least
-    "mission" and "observation" (the current observation and decision prompt); new_from: position of the first
-    token the model has not cached yet (0 for a full recompute); seed: per-decision seed for random choices.
+    token_ids: the whole context (1-D LongTensor [T]); token i has original position i.
+    spans: name -> (start, end) in positions: "mission", "observation" (the current observation and the decision
+    prompt) and "stable_prefix" (everything before the current observation, shared by later decisions).
+    seed: per-decision seed for random choices (same seed, same choices).
     """
 
     token_ids: torch.Tensor
     spans: dict[str, tuple[int, int]]
-    new_from: int = 0
     seed: int = 0
 
 
@@ -43,9 +43,21 @@ class Technique:
 
     name: ClassVar[str] = "full"
 
-    def prefill_hook(self, ctx: DecisionContext, n_layers: int) -> LayerHook | None:
-        """A hook run after each decoder layer during prefill, or None (no change)."""
+    def open_session(self, backbone, ctx: DecisionContext):
+        """The session this decision extends, and the position from which `ctx.token_ids` must be appended.
+
+        Default: a fresh session, the whole context recomputed. Prefix reuse returns a kept session instead.
+        """
+        from thrifty.runtime import Session
+
+        return Session(backbone), 0
+
+    def prefill_hook(self, ctx: DecisionContext, n_layers: int, new_from: int) -> LayerHook | None:
+        """A hook run after each decoder layer while the tokens from `new_from` on are prefilled, or None."""
         return None
+
+    def close_session(self, session, ctx: DecisionContext, decode_from: int) -> None:
+        """Called after decoding; the session holds the context then the generated tokens from `decode_from`."""
 
     def reset(self) -> None:
         """Forget per-episode state (called at the start of every episode)."""
