@@ -1,5 +1,32 @@
 """Tests run tiny models: one intra-op thread avoids oversubscription (5x faster on a busy 2-core box)."""
 
+import random
+
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_planner_dir(tmp_path_factory):
+    """A planner directory like the shipped one, but tiny and untrained: a BPE tokenizer trained on a few expert
+    transcripts and a random 2-layer Llama. Its outputs are mostly not actions, which exercises the parser."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from thrifty.agents.transcript import Transcript
+    from thrifty.train.planner import collect_episode, train_tokenizer
+
+    rng = random.Random(0)
+    episodes = [collect_episode(level, seed, 0.1, rng) for level in ("GoToLocal", "PickupLoc") for seed in range(15)]
+    texts = [Transcript(e["mission"], e["observations"], e["taken"]).text() for e in episodes]
+    tok = train_tokenizer(texts, 320)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny_planner")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -45,6 +45,15 @@ class DecodeResult:
     works: list[list[LayerWork]] = field(default_factory=list)
 
 
+def _visible_pairs(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> int:
+    """Visible (query, key) pairs, counted without building a mask: key <= query (and query - key < window)."""
+    keys = torch.sort(key_pos).values
+    pairs = torch.searchsorted(keys, query_pos, right=True).sum()
+    if window is not None:
+        pairs = pairs - torch.searchsorted(keys, query_pos - window, right=True).sum()
+    return int(pairs)
+
+
 class _LayerCache:
     """The object handed to attention modules as `past_key_values`: `update` appends (out of place)."""
 
@@ -107,6 +116,7 @@ class Session:
         keys, values, positions = list(self._keys), list(self._values), list(self.positions)
         cache = _LayerCache(keys, values)
         works: list[LayerWork] = []
+        sdpa = getattr(bb.config, "_attn_implementation", None) == "sdpa"
         with torch.no_grad():
             h = bb.embed(ids_t[None])
             pe = bb.rotary(h, pos)
@@ -114,8 +124,13 @@ class Session:
                 if pos.numel() == 0:
                     break
                 key_pos = torch.cat([positions[l], pos])
-                mask = bb.attention_mask(pos, key_pos, l)
-                works.append(LayerWork(queries=int(pos.numel()), pairs=int((mask == 0).sum())))
+                window = bb.sliding_window(l)
+                # a fresh layer under sdpa needs no mask: its keys are exactly the queries, in order, so sdpa's
+                # is_causal is exact (original positions reach attention through the rotary tables only);
+                # building a [q, k] mask costs as much as the attention itself at 4k tokens.
+                plain = positions[l].numel() == 0 and window is None and sdpa
+                mask = None if plain else bb.attention_mask(pos, key_pos, l)
+                works.append(LayerWork(queries=int(pos.numel()), pairs=_visible_pairs(pos, key_pos, window)))
                 h = bb.run_layer(l, h, pos, mask, cache, position_embeddings=pe)
                 positions[l] = key_pos
                 if layer_hook is None:

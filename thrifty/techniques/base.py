@@ -59,6 +59,16 @@ class Technique:
     def close_session(self, session, ctx: DecisionContext, decode_from: int) -> None:
         """Called after decoding; the session holds the context then the generated tokens from `decode_from`."""
 
+    def kept_cache_conflict(self) -> str | None:
+        """Why this technique cannot run over a session kept from earlier decisions, or None when it can.
+
+        Over a kept session (prefix reuse) only the newly appended tokens are prefilled, the prefill hook sees only
+        them, and cached entries are never rewritten. A technique whose choice depends on the whole context (a
+        window relative to the newest token, a keep ratio over all tokens) returns the reason it would mean
+        something else there; `composed` then refuses the combination with that reason.
+        """
+        return None
+
     def reset(self) -> None:
         """Forget per-episode state (called at the start of every episode)."""
 

@@ -1,0 +1,102 @@
+import random
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from thrifty.agents.planner import (DEFAULT_ACTION, EpisodeConfig, PlannerContext, TextPlanner, parse_action,
+                                    run_episode)
+from thrifty.agents.transcript import Transcript
+from thrifty.envs import ACTIONS, eval_seed
+from thrifty.train.planner import collect_episode, encode_episode
+
+DETERMINISTIC = ("success", "steps", "decisions", "unparseable", "actions", "tokens_context_mean", "flops_total")
+
+
+@given(st.text())
+def test_parser_never_raises(text):
+    out = parse_action(text)
+    assert out is None or out in ACTIONS
+
+
+@pytest.mark.parametrize("word", ACTIONS)
+def test_parser_reads_action_words(word):
+    assert parse_action(f" {word}\n") == word
+    assert parse_action(f"{word.upper()}.") == word
+    assert parse_action(f"{word} and more") == word
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n", "fly", "go left", "<eos>", "lef t"])
+def test_parser_rejects_non_actions(text):
+    assert parse_action(text) is None
+
+
+@pytest.fixture(scope="module")
+def planner(tiny_planner_dir):
+    return TextPlanner.load(tiny_planner_dir)
+
+
+def test_context_matches_the_training_encoding(planner):
+    """The agent builds exactly the token sequence the planner was trained on (no retokenisation drift)."""
+    ep = collect_episode("PickupLoc", 3, 0.2, random.Random(1))
+    ctx = PlannerContext(planner.tokenizer)
+    ctx.start(ep["mission"])
+    for obs, act in zip(ep["observations"], ep["taken"]):
+        ctx.add_observation(obs)
+        ctx.add_action(act)
+    ids, labels = encode_episode(planner.tokenizer, ep, max_tokens=10_000)
+    assert ctx.ids[:-1] == ids
+    # every label sits on the token after an "act:" prompt and is an action word
+    targets = [planner.tokenizer.decode([t]).strip() for t in labels if t != -100]
+    assert set(targets) <= set(ACTIONS) | {""}
+
+
+def test_context_is_append_only_and_spans_are_right(planner):
+    ctx = PlannerContext(planner.tokenizer)
+    ctx.start("go to the red ball")
+    ctx.add_observation("facing east; carrying nothing; wall 2 ahead")
+    before = list(ctx.ids)
+    dec = planner.tokenizer.decode
+    assert dec(ctx.ids[slice(*ctx.spans["mission"])]) == "mission: go to the red ball\n"
+    assert dec(ctx.ids[slice(*ctx.spans["observation"])]) == "obs: facing east; carrying nothing; wall 2 ahead\nact:"
+    ctx.add_action("left")
+    ctx.add_observation("facing north; carrying nothing")
+    assert ctx.ids[: len(before)] == before
+    assert ctx.spans["stable_prefix"] == (0, ctx.spans["observation"][0])
+
+
+def test_episode_is_deterministic_and_counts_unparseable(planner):
+    a = run_episode(planner, "GoToLocal", eval_seed(5), EpisodeConfig(max_steps=12))
+    b = run_episode(planner, "GoToLocal", eval_seed(5), EpisodeConfig(max_steps=12))
+    assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}
+    assert a["decisions"] == a["steps"] <= 12
+    # an untrained planner mostly emits non-actions: they are counted and replaced, never a crash
+    assert a["unparseable"] > 0
+    assert a["actions"].count(DEFAULT_ACTION) >= a["unparseable"]
+    assert a["flops_total"] > 0 and a["tokens_context_max"] > a["per_decision"]["tokens_context"][0]
+
+
+def test_on_change_replanning_makes_fewer_or_equal_decisions(planner):
+    every = run_episode(planner, "GoToLocal", eval_seed(2), EpisodeConfig(max_steps=15))
+    on_change = run_episode(planner, "GoToLocal", eval_seed(2), EpisodeConfig(max_steps=15, replan="on_change"))
+    assert on_change["decisions"] <= on_change["steps"]
+    assert on_change["decisions"] <= every["decisions"]
+
+
+def test_bad_replan_trigger():
+    with pytest.raises(ValueError, match="every_step"):
+        EpisodeConfig(replan="sometimes")
+
+
+def test_decision_flops_match_the_session_work(planner):
+    ctx = PlannerContext(planner.tokenizer)
+    ctx.start("go to the red ball")
+    ctx.add_observation("facing east; carrying nothing; wall 2 ahead")
+    text, rec = planner.decide(ctx)
+    from thrifty.cost import LayerWork, forward_flops
+    shape = planner.backbone.shape
+    T = len(ctx.ids)
+    prefill = forward_flops(shape, [LayerWork.causal(T)] * shape.n_layers, n_logits=1)
+    decode = sum(forward_flops(shape, [LayerWork.causal(1, T + i)] * shape.n_layers, 1) for i in range(rec.tokens_out))
+    assert rec.prefill_flops == prefill and rec.flops == prefill + decode
+    assert rec.tokens_per_layer == [T] * shape.n_layers and rec.exit_layer == shape.n_layers

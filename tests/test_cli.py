@@ -1,0 +1,86 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from thrifty.bench import SHIPPED_PLANNER, Job, ResultsFile, get_suite, run_jobs
+from thrifty.bench.suites import BenchConfig, Suite, episode_fn
+from thrifty.cli import app
+
+runner = CliRunner()
+DETERMINISTIC = ("success", "steps", "decisions", "unparseable", "actions", "tokens_context_mean", "flops_total")
+
+
+def test_unknown_suite_lists_the_suites():
+    r = runner.invoke(app, ["bench", "nosuch"])
+    assert r.exit_code == 2 and "unknown suite 'nosuch'" in r.output and "demo" in r.output
+
+
+def test_unknown_level_lists_the_levels():
+    r = runner.invoke(app, ["bench", "demo", "--level", "Moon"])
+    assert r.exit_code == 2 and "unknown BabyAI-Text level 'Moon'" in r.output and "GoToLocal" in r.output
+
+
+def test_missing_model_directory(tmp_path):
+    r = runner.invoke(app, ["bench", "demo", "--model", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "no model directory" in r.output
+
+
+def test_results_file_from_another_suite_is_refused_and_kept(tmp_path, tiny_planner_dir):
+    out = tmp_path / "r.jsonl"
+    ResultsFile(out, "replan", meta={})
+    before = out.read_bytes()
+    r = runner.invoke(app, ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir)])
+    assert r.exit_code == 2 and "replan" in r.output and "demo" in r.output
+    assert out.read_bytes() == before
+
+
+def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_dir):
+    out = tmp_path / "demo.jsonl"
+    args = ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir), "--episodes", "1",
+            "--level", "GoToLocal", "--threads", "1"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines[0]["kind"] == "header" and lines[0]["suite"] == "demo"
+    assert len(lines) == 2 and lines[1]["level"] == "GoToLocal"
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "success" in r.output
+    # resuming runs nothing new
+    r2 = runner.invoke(app, args)
+    assert r2.exit_code == 0 and len(out.read_text().splitlines()) == 2
+
+
+def test_suites_and_techniques_are_listed():
+    assert "demo" in runner.invoke(app, ["suites"]).output
+    assert "full" in runner.invoke(app, ["techniques"]).output
+
+
+def test_ray_gives_the_same_episodes_as_in_process(tmp_path, tiny_planner_dir):
+    import ray
+
+    suite = Suite("t", "test", (BenchConfig("full"),), levels=("GoToLocal", "PickupLoc"), episodes=2)
+    jobs = suite.jobs()
+    fn = episode_fn(suite, tiny_planner_dir, threads=1)
+    local = run_jobs(jobs, fn, ResultsFile(tmp_path / "a.jsonl", "t"), progress=False)
+    try:
+        remote = run_jobs(jobs, fn, ResultsFile(tmp_path / "b.jsonl", "t"), use_ray=True, progress=False)
+    finally:
+        ray.shutdown()
+    assert [{k: r[k] for k in DETERMINISTIC} for r in local] == [{k: r[k] for k in DETERMINISTIC} for r in remote]
+
+
+def test_demo_suite_is_defined():
+    assert get_suite("demo").configs[0].name == "full"
+
+
+@pytest.mark.skipif(not (SHIPPED_PLANNER / "card.json").exists(), reason="shipped planner not built yet")
+def test_shipped_planner_has_a_complete_card_and_loads():
+    from thrifty.agents.planner import TextPlanner
+
+    card = json.loads((SHIPPED_PLANNER / "card.json").read_text())
+    for key in ("recipe", "command", "data", "seed", "training", "success"):
+        assert key in card, key
+    assert sum(f.stat().st_size for f in SHIPPED_PLANNER.iterdir()) <= 20 * 2**20
+    planner = TextPlanner.load(SHIPPED_PLANNER)
+    assert planner.backbone.family == "llama"

@@ -1,0 +1,309 @@
+"""Recipe, Stage 2 of E-RECAP: the token scorers, trained against the frozen planner.
+
+Reads top to bottom:
+1. load the Stage 1 file (decision samples, saliency per prune layer); hold out a seeded fraction for evaluation;
+2. one scorer per prune layer (`TokenScorer`: rms-normalised hidden -> d/4 -> 1), trained with the model frozen.
+   At prune layer l the scorer gives each prunable token a keep logit s; its soft keep mask is the binary
+   concrete m = sigmoid((s + logistic noise) / temperature) (protected tokens: m = 1). Masks compound over the
+   prune layers, and log(m) is added to that token's attention scores as a *key* in every deeper layer, so a
+   mask of 0 is exactly the hard drop done at inference and a mask of 1 exactly the full model;
+3. loss, summed over all prune layers (never overwritten per layer):
+   kl_weight     * KL(full model || soft-masked model) of the next-token distribution at the decision tokens
+ + rank_weight   * pairwise logistic ranking of the keep logits against |Stage 1 saliency| (sampled pairs)
+ + budget_weight * (mean soft keep of the prunable tokens after prune layer j - keep_ratio^(j+1))^2;
+   padding is excluded everywhere; scorers are trained in float32 with Adam;
+4. evaluate on the held-out samples with *hard* pruning through the real runtime (`Session` + the technique):
+   next-action agreement and KL with the full model, for token_pruning and its count-matched baselines;
+5. save safetensors (+ metadata: model id and weights fingerprint, hidden size, layers, data) and a JSON card.
+
+Differences from E-RECAP's Stage 2 (docs/pruning.md): its saliency losses were overwritten by every non-prune
+layer and never reached the gradient; its soft masks scaled hidden states, which the next RMSNorm undoes; the
+final norm was skipped before the head; no term tied the masks to the keep budget; training was pure fp16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from thrifty.backbones import HFDecoder
+from thrifty.cost import forward_flops
+from thrifty.runtime import Session
+from thrifty.techniques import DecisionContext, Technique, build
+from thrifty.techniques.pruning_common import protected_mask
+from thrifty.techniques.token_pruning import TokenScorer, model_fingerprint
+from thrifty.train.saliency import (Sample, _progress, batched_forward, decision_logits, length_batches, load_saliency,
+                                    pad_batch)
+
+BASELINES = ("random_pruning", "recency_pruning", "sink_window")
+
+
+@dataclass
+class PrunerRecipe:
+    keep_ratio: float = 0.7
+    """the compounding per-layer keep ratio the budget term aims at (inference may use any other)"""
+    steps: int = 300
+    """optimisation steps"""
+    lr: float = 2e-3
+    tokens_per_batch: int = 4000
+    """padded tokens per step"""
+    temperature: float = 0.5
+    """binary-concrete temperature of the soft masks"""
+    kl_weight: float = 1.0
+    rank_weight: float = 0.5
+    budget_weight: float = 4.0
+    rank_pairs: int = 128
+    """sampled token pairs per sample and prune layer for the ranking loss"""
+    sink_tokens: int = 4
+    recent_tokens: int = 16
+    holdout: float = 0.15
+    """fraction of the samples held out for the evaluation"""
+    eval_samples: int = 150
+    """held-out samples evaluated (hard pruning, all baselines)"""
+    seed: int = 0
+    threads: int = 1
+
+
+# 2. soft masks ---------------------------------------------------------------------------------------------------
+
+def prunable_mask(samples: list[Sample], n: int, recipe: PrunerRecipe) -> torch.Tensor:
+    """[B, n] True where a token may be dropped (real tokens outside the protected set)."""
+    out = torch.zeros(len(samples), n, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        pos = torch.arange(len(s.ids))
+        prot = protected_mask(pos, s.spans, ("mission", "observation"), recipe.sink_tokens, recipe.recent_tokens,
+                              len(s.ids))
+        out[i, : len(s.ids)] = ~prot
+    return out
+
+
+def masked_student(backbone: HFDecoder, scorer: TokenScorer, ids: torch.Tensor, valid: torch.Tensor,
+                   prunable: torch.Tensor, temperature: float, gen: torch.Generator | None):
+    """Soft-pruned forward: final hidden [B, n, d]; per prune layer the keep logits [B, n] and the cumulative
+    log keep mask [B, n] (0 on protected and padding tokens)."""
+    scores: dict[int, torch.Tensor] = {}
+    cum: dict[int, torch.Tensor] = {}
+    total = torch.zeros(ids.shape, dtype=torch.float32)
+
+    def after(l: int, h: torch.Tensor):
+        nonlocal total
+        if l not in scorer.layers:
+            return None
+        s = scorer(l, h.float())  # [B, n]
+        noise = 0.0
+        if gen is not None:
+            u = torch.rand(s.shape, generator=gen).clamp(1e-6, 1 - 1e-6)
+            noise = torch.log(u) - torch.log1p(-u)  # logistic
+        logm = F.logsigmoid((s + noise) / temperature) * prunable
+        scores[l] = s
+        total = total + logm
+        cum[l] = total
+        return logm.to(h.dtype)
+
+    h = batched_forward(backbone, ids, valid, after)
+    return h, scores, cum
+
+
+def rank_loss(scores: torch.Tensor, saliency: torch.Tensor, prunable: torch.Tensor, pairs: int,
+              gen: torch.Generator) -> torch.Tensor:
+    """Pairwise logistic ranking of scores [n] against |saliency| [n] over prunable [n] tokens (sampled pairs)."""
+    idx = torch.nonzero(prunable).flatten()
+    if idx.numel() < 2:
+        return scores.sum() * 0.0
+    a = idx[torch.randint(idx.numel(), (pairs,), generator=gen)]
+    b = idx[torch.randint(idx.numel(), (pairs,), generator=gen)]
+    target = torch.sign(saliency[a].abs() - saliency[b].abs())
+    keep = target != 0
+    if not bool(keep.any()):
+        return scores.sum() * 0.0
+    return F.softplus(-target[keep] * (scores[a[keep]] - scores[b[keep]])).mean()
+
+
+# 4. evaluation through the runtime ----------------------------------------------------------------------------------
+
+def contexts_from_samples(samples: list[Sample]) -> list[DecisionContext]:
+    """The decision contexts of samples whose last decision is their final token (planner samples)."""
+    return [DecisionContext(torch.tensor(s.ids), s.spans, seed=i) for i, s in enumerate(samples)
+            if s.decisions and s.decisions[-1] == len(s.ids) - 1]
+
+
+def compare_to_full(backbone: HFDecoder, contexts: list[DecisionContext], technique: Technique,
+                    progress: Any = None) -> dict[str, float]:
+    """Hard pruning with `technique` vs the full model on each context's last-token logits.
+
+    agreement: fraction of contexts where the argmax (next action token) is the same; kl: mean KL(full || pruned)
+    in nats; work: mean realised fraction of token-layer work; flops_ratio: sum of pruned / sum of full prefill
+    FLOPs (analytic, scorers included).
+    """
+    agree, kls, work, f_full, f_pruned = 0, [], [], 0, 0
+    shape = backbone.shape
+    for ctx in contexts:
+        with torch.inference_mode():
+            full = Session(backbone).extend(ctx.token_ids)
+            session, new_from = technique.open_session(backbone, ctx)
+            if hasattr(technique, "bind"):
+                technique.bind(backbone)
+            hook = technique.prefill_hook(ctx, shape.n_layers, new_from)
+            pruned = session.extend(ctx.token_ids[new_from:], layer_hook=hook)
+        p, q = full.logits[-1].float().log_softmax(-1), pruned.logits[-1].float().log_softmax(-1)
+        agree += int(p.argmax() == q.argmax())
+        kls.append(float((p.exp() * (p - q)).sum()))
+        tokens = [w.queries for w in pruned.works]
+        work.append(sum(tokens) / (shape.n_layers * int(ctx.token_ids.numel())))
+        f_full += forward_flops(shape, full.works, 1)
+        f_pruned += forward_flops(shape, pruned.works, 1) + _scorer_flops(technique, tokens)
+        if progress is not None:
+            progress()
+    n = max(1, len(contexts))
+    return {"agreement": agree / n, "kl": sum(kls) / n, "work": sum(work) / n,
+            "flops_ratio": f_pruned / max(1, f_full), "contexts": len(contexts)}
+
+
+def _scorer_flops(technique: Technique, tokens_per_layer: list[int]) -> int:
+    scorer = getattr(technique, "scorer", None)
+    if scorer is None:
+        return 0
+    # a prune layer scores the tokens present after it (protected ones are not scored; this is an upper bound)
+    return scorer.flops_per_token() * sum(tokens_per_layer[l] for l in scorer.layers if l < len(tokens_per_layer))
+
+
+# the whole recipe --------------------------------------------------------------------------------------------------
+
+def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Path, keep_ratio: float = 0.7,
+                 steps: int = 300, seed: int = 0, threads: int = 1, command: str = "",
+                 recipe: PrunerRecipe | None = None) -> Path:
+    """Stage 2: train the scorers for the model in `model_dir` on the Stage 1 file; write `out` (a directory:
+    model.safetensors + card.json; or a .safetensors path, the card beside it as <stem>.card.json)."""
+    recipe = recipe or PrunerRecipe(keep_ratio=keep_ratio, steps=steps, seed=seed, threads=threads)
+    if not 0.0 < recipe.keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {recipe.keep_ratio}")
+    torch.set_num_threads(recipe.threads)
+    t0 = time.time()
+    backbone = HFDecoder.load(model_dir)
+    samples, saliency, sal_meta = load_saliency(saliency_path)
+    fp = model_fingerprint(backbone)
+    if sal_meta.get("model_fingerprint") not in (None, fp):
+        raise ValueError(f"{saliency_path} was computed on {sal_meta.get('model')} (weights "
+                         f"{sal_meta.get('model_fingerprint')}), not on {model_dir} (weights {fp})")
+    layers = tuple(sal_meta["layers"])
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # 1. split
+    order = list(range(len(samples)))
+    random.Random(recipe.seed).shuffle(order)
+    n_hold = max(1, int(len(samples) * recipe.holdout))
+    held, train = order[:n_hold], order[n_hold:]
+
+    # 2-3. train
+    torch.manual_seed(recipe.seed)
+    d = backbone.shape.d_model
+    scorer = TokenScorer(d, layers, {
+        "model": str(model_dir), "model_fingerprint": fp, "n_layers": backbone.n_layers, "hidden_size": d,
+        "family": backbone.family})
+    for mod in scorer.scorers.values():
+        torch.nn.init.constant_(mod[-1].bias, 2.0 * recipe.temperature * 2)  # start near "keep everything"
+    scorer.train()
+    opt = torch.optim.Adam(scorer.parameters(), lr=recipe.lr)
+    rng = random.Random(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    lengths = [len(samples[i].ids) for i in train]
+    batches: list[list[int]] = []
+    history: list[dict[str, float]] = []
+    train_seconds = 0.0
+    with _progress() as bar:
+        task = bar.add_task("pruner (stage 2)", total=recipe.steps)
+        for step in range(recipe.steps):
+            ts = time.time()
+            if not batches:
+                batches = length_batches(lengths, recipe.tokens_per_batch, rng)
+            idx = [train[i] for i in batches.pop()]
+            batch = [samples[i] for i in idx]
+            ids, valid = pad_batch(batch, pad)
+            prunable = prunable_mask(batch, ids.shape[1], recipe)
+            lr = recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, recipe.steps))))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.no_grad():
+                teacher = decision_logits(backbone, batched_forward(backbone, ids, valid), batch).float()
+            h, scores, cum = masked_student(backbone, scorer, ids, valid, prunable, recipe.temperature, gen)
+            student = decision_logits(backbone, h, batch).float()
+            weights = torch.tensor([1.0 / len(s.decisions) for s in batch for _ in s.decisions])
+            pt = teacher.log_softmax(-1)
+            kl = ((pt.exp() * (pt - student.log_softmax(-1))).sum(-1) * weights).sum() / len(batch)
+            rank = torch.zeros(())
+            budget = torch.zeros(())
+            for j, l in enumerate(layers):
+                for r, i in enumerate(idx):
+                    n_i = len(samples[i].ids)
+                    rank = rank + rank_loss(scores[l][r, :n_i], saliency[l][i], prunable[r, :n_i],
+                                            recipe.rank_pairs, gen)
+                kept = (cum[l].exp() * prunable).sum(-1) / prunable.sum(-1).clamp(min=1)  # [B]
+                has = prunable.any(-1)
+                budget = budget + ((kept - recipe.keep_ratio ** (j + 1)) ** 2 * has).sum() / max(1, int(has.sum()))
+            rank = rank / len(batch)
+            loss = recipe.kl_weight * kl + recipe.rank_weight * rank + recipe.budget_weight * budget
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            train_seconds += time.time() - ts
+            history.append({"loss": loss.item(), "kl": kl.item(), "rank": rank.item(), "budget": budget.item()})
+            last = history[-20:]
+            bar.update(task, advance=1, description=(
+                f"pruner (stage 2) kl {sum(x['kl'] for x in last) / len(last):.4f} "
+                f"rank {sum(x['rank'] for x in last) / len(last):.3f} "
+                f"budget {sum(x['budget'] for x in last) / len(last):.4f}"))
+    scorer.eval()
+    scorer.requires_grad_(False)
+
+    # 4. evaluate on held-out samples, hard pruning through the runtime
+    contexts = contexts_from_samples([samples[i] for i in held])[: recipe.eval_samples]
+    metrics: dict[str, Any] = {}
+    settings = {"keep_ratio": recipe.keep_ratio, "layers": layers, "sink_tokens": recipe.sink_tokens,
+                "recent_tokens": recipe.recent_tokens}
+    with _progress() as bar:
+        task = bar.add_task("held-out evaluation", total=len(contexts) * (1 + len(BASELINES)))
+        for name in ("token_pruning",) + BASELINES:
+            tech = build(name, **settings)
+            if name == "token_pruning":
+                tech.use_scorer(scorer)
+            metrics[name] = {k: round(v, 4) for k, v in
+                             compare_to_full(backbone, contexts, tech, lambda: bar.advance(task)).items()}
+
+    # 5. save
+    out = Path(out)
+    weights_path = out / "model.safetensors" if out.suffix != ".safetensors" else out
+    card_path = weights_path.with_name("card.json") if out.suffix != ".safetensors" else out.with_suffix(".card.json")
+    scorer.meta.update({"layers": list(layers), "keep_ratio_trained": recipe.keep_ratio,
+                        "data": sal_meta.get("data"), "saliency_file": str(saliency_path), "recipe": asdict(recipe)})
+    scorer.save(weights_path)
+    card = {
+        "name": "thrifty token pruner (E-RECAP stage 2)",
+        "for_model": {"path": str(model_dir), "fingerprint": fp, "family": backbone.family,
+                      "n_layers": backbone.n_layers, "hidden_size": d},
+        "architecture": f"per prune layer: rmsnorm(h) -> Linear({d}, {d // 4}) -> GELU -> Linear({d // 4}, 1)",
+        "parameters": sum(p.numel() for p in scorer.parameters()),
+        "prune_layers": list(layers),
+        "recipe": asdict(recipe),
+        "command": command or "thrifty train pruner",
+        "stage1": {k: sal_meta.get(k) for k in ("data", "tokens", "seed", "layers", "seconds", "command", "loss")},
+        "data": {"samples": len(samples), "train": len(train), "held_out": len(held)},
+        "seed": recipe.seed,
+        "training": {"steps": recipe.steps, "train_seconds": round(train_seconds, 1),
+                     "wall_seconds": round(time.time() - t0, 1), "threads": recipe.threads,
+                     "final": {k: round(sum(x[k] for x in history[-20:]) / max(1, len(history[-20:])), 5)
+                               for k in ("loss", "kl", "rank", "budget")}},
+        "loss_every_25": [round(x["loss"], 5) for x in history[::25]],
+        "heldout": {"settings": {**settings, "layers": list(layers)}, **metrics},
+    }
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return weights_path
