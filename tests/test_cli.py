@@ -38,7 +38,7 @@ def test_results_file_from_another_suite_is_refused_and_kept(tmp_path, tiny_plan
 def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_dir):
     out = tmp_path / "demo.jsonl"
     args = ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir), "--episodes", "1",
-            "--level", "GoToLocal", "--threads", "1"]
+            "--level", "GoToLocal", "--threads", "1", "--max-steps", "10"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in out.read_text().splitlines()]
@@ -61,7 +61,7 @@ def test_ray_gives_the_same_episodes_as_in_process(tmp_path, tiny_planner_dir):
 
     suite = Suite("t", "test", (BenchConfig("full"),), levels=("GoToLocal", "PickupLoc"), episodes=2)
     jobs = suite.jobs()
-    fn = episode_fn(suite, tiny_planner_dir, threads=1)
+    fn = episode_fn(suite, tiny_planner_dir, threads=1, max_steps=8)
     local = run_jobs(jobs, fn, ResultsFile(tmp_path / "a.jsonl", "t"), progress=False)
     try:
         remote = run_jobs(jobs, fn, ResultsFile(tmp_path / "b.jsonl", "t"), use_ray=True, progress=False)

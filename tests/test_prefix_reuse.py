@@ -296,6 +296,9 @@ class OtherSessionProvider(Technique):
 def test_combinations_that_cannot_work_are_refused():
     with pytest.raises(CompositionError, match="sink_window cannot be combined with prefix_reuse"):
         build("composed", techniques=["prefix_reuse", "sink_window"])
+    with pytest.raises(CompositionError, match="keep_session=False"):
+        Composed([PrefixReuse(keep_session=False), DropEvenDeep()])
+    Composed([PrefixReuse(keep_session=False), DropEvenDeep()], prune_at="prefill")
     with pytest.raises(CompositionError, match="prune_at"):
         build("composed", techniques=["prefix_reuse"], prune_at="later")
     with pytest.raises(CompositionError, match="window relative to the newest token"):
@@ -343,3 +346,18 @@ def test_episode_with_reuse_takes_the_same_actions_as_full(tiny_planner_dir):
     assert reuse["per_decision"]["tokens_context"] == full["per_decision"]["tokens_context"]
     assert reuse["prefix_tokens_reused_total"] >= sum(contexts[:-1])  # at least every earlier context
     assert reuse["flops_total"] < full["flops_total"] / 2
+
+
+def test_reuse_profile_replays_the_same_contexts(tiny_planner_dir, tmp_path):
+    from thrifty.bench.reuse_profile import forced_trajectory, profile_reuse
+
+    traj = forced_trajectory("GoToLocal", 1_000_000_003, steps=30)
+    assert len(traj.actions) == len(traj.observations) == 30  # the expert alone ends GoToLocal far sooner
+    assert traj.forced > 0
+    doc = profile_reuse(tiny_planner_dir, out_dir=tmp_path, level="GoToLocal", steps=6, report_steps=(3, 6),
+                        warmup=0, repeats=1)
+    full, reuse = doc["arms"]["full"], doc["arms"]["prefix_reuse"]
+    assert full["tokens_context"] == reuse["tokens_context"]
+    assert reuse["flops"][-1] < full["flops"][-1] and reuse["prefix_tokens_reused"][0] == 0
+    assert {(r["arm"], r["step"]) for r in doc["summary"]} == {(a, s) for a in ("full", "prefix_reuse") for s in (3, 6)}
+    assert (tmp_path / "profile.json").is_file() and (tmp_path / "profile.png").is_file()

@@ -29,6 +29,7 @@ def bench(
     level: Optional[list[str]] = typer.Option(None, help="restrict to these levels (repeatable)"),
     model: Optional[Path] = typer.Option(None, help="planner model directory (default: the shipped planner)"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads per episode (default 2)"),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="cap on environment steps per episode"),
     ray: bool = typer.Option(False, "--ray", help="run the episodes as Ray tasks"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local cluster)"),
     by_level: bool = typer.Option(True, help="one table row per configuration and level"),
@@ -54,8 +55,11 @@ def bench(
         _fail(f"{e}{hint}")
     out = out or Path("results") / f"{suite}.jsonl"
     jobs = spec.jobs(episodes, levels)
-    fn = episode_fn(spec, model_dir, threads=threads if threads else (1 if ray else None))
-    meta = {"model": str(model_dir), "configs": [c.as_dict() for c in spec.configs], "ray": ray}
+    # Ray gives each task one CPU, so one thread per episode there. Ray runs its workers at nice 15: on a busy
+    # machine their wall times are not comparable with in-process ones (success and FLOPs are identical).
+    fn = episode_fn(spec, model_dir, threads=threads if threads else (1 if ray else None), max_steps=max_steps)
+    meta = {"model": str(model_dir), "configs": [c.as_dict() for c in spec.configs], "ray": ray,
+            "max_steps": max_steps or spec.max_steps}
     try:
         results = ResultsFile(out, suite, meta=meta)
     except (ResultsMismatchError, ValueError) as e:

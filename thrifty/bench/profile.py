@@ -218,3 +218,22 @@ def plot_profile(profile: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def print_profile(profile: dict[str, Any], console: Any = None) -> None:
+    """A table of the profile: per length and keep ratio, medians, speedup, FLOPs ratio and efficiency."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    t = Table(title=f"thrifty profile {profile['model']} {profile['mode']} ({profile['threads']} thread(s), "
+                    f"{profile['repeats']} repeats, prune layers {profile['prune_layers']})")
+    for col in ("length", "keep", "full s", "pruned s", "speedup", "FLOPs ratio", "efficiency", "work", "last layer"):
+        t.add_column(col, justify="right")
+    key = "prefill" if profile["mode"] == "prefill" else "total"
+    for r in profile["results"]:
+        tokens = r["pruned"]["tokens_per_layer"]
+        t.add_row(str(r["length"]), f"{r['keep_ratio']:g}", f"{r['full'][f'{key}_median_s']:.3f}",
+                  f"{r['pruned'][f'{key}_median_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['flops_ratio']:.2f}x",
+                  f"{r['efficiency']:.2f}", f"{sum(tokens) / (len(tokens) * r['length']):.3f}", str(tokens[-1]))
+    console.print(t)

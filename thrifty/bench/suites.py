@@ -40,6 +40,8 @@ class Suite:
     levels: tuple[str, ...] = tuple(LEVELS)
     episodes: int = 10
     """episodes per (config, level), on evaluation seeds eval_seed(0..episodes-1)"""
+    max_steps: int | None = None
+    """cap on environment steps per episode (None: each level's own limit)"""
 
     def jobs(self, episodes: int | None = None, levels: tuple[str, ...] | None = None) -> list[Job]:
         n = self.episodes if episodes is None else episodes
@@ -91,19 +93,20 @@ def _planner_for(model_dir: str, config: dict):
     return _PLANNERS[key]
 
 
-def run_job(job: Job, configs: dict[str, dict], model_dir: str, threads: int) -> dict:
+def run_job(job: Job, configs: dict[str, dict], model_dir: str, threads: int, max_steps: int | None = None) -> dict:
     """Play the episode `job` names with its configuration; returns the result dict."""
     from thrifty.agents.planner import EpisodeConfig, run_episode
 
     torch.set_num_threads(threads)
     config = configs[job.config]
     planner = _planner_for(model_dir, config)
-    result = run_episode(planner, job.level, job.seed, EpisodeConfig(replan=config["replan"]))
+    result = run_episode(planner, job.level, job.seed, EpisodeConfig(replan=config["replan"], max_steps=max_steps))
     result["threads"] = threads
     return result
 
 
-def episode_fn(suite: Suite, model_dir: str | Path, threads: int | None = None):
+def episode_fn(suite: Suite, model_dir: str | Path, threads: int | None = None, max_steps: int | None = None):
+    """A picklable `job -> result` function for `run_jobs` (in-process or Ray)."""
     threads = threads or min(2, os.cpu_count() or 1)
     return partial(run_job, configs={c.name: c.as_dict() for c in suite.configs}, model_dir=str(model_dir),
-                   threads=threads)
+                   threads=threads, max_steps=max_steps or suite.max_steps)

@@ -141,6 +141,11 @@ class Composed(Technique):
                 reason = p.kept_cache_conflict() if p is not self.provider else None
                 if reason:
                     raise CompositionError(f"{p.name} cannot be combined with {self.provider.name}: {reason}")
+            if self.hooked and self.prune_at == "history" and getattr(self.provider, "keep_session", True) is False:
+                raise CompositionError(
+                    f"prune_at='history' settles each decision's new tokens in the kept session at the next "
+                    f"decision, but {self.provider.name} has keep_session=False, so nothing would ever be pruned: "
+                    f"use prune_at='prefill' or keep_session=True")
             others = [{"name": p.name, **_plain(p.settings())} for p in self.parts if p is not self.provider]
             if hasattr(self.provider, "namespace") and others:
                 self.provider.namespace = json.dumps({"prune_at": self.prune_at, "parts": others}, sort_keys=True)

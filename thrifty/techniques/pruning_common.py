@@ -28,6 +28,7 @@ realised work fraction is reported per decision, since protected tokens and inte
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -161,7 +162,8 @@ class PruningTechnique(Technique):
 
     def __post_init__(self) -> None:
         self._report: dict[str, Any] = {}
-        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)) or not 0.0 < self.keep_ratio <= 1.0:
+        r = self.keep_ratio
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 < r <= 1.0:
             raise ValueError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
         self.keep_ratio = float(self.keep_ratio)
         if self.schedule not in SCHEDULES:
@@ -172,9 +174,10 @@ class PruningTechnique(Technique):
             self.layers = tuple(int(x) for x in self.layers)
             if any(x < 0 for x in self.layers):
                 raise PruneLayerError(f"prune layers must be >= 0, got {list(self.layers)}")
-        if int(self.sink_tokens) < 0:
+        self.sink_tokens, self.recent_tokens = int(self.sink_tokens), int(self.recent_tokens)
+        if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
-        if int(self.recent_tokens) < 1:
+        if self.recent_tokens < 1:
             raise ValueError(f"recent_tokens must be >= 1 (the final token is needed for the logits), "
                              f"got {self.recent_tokens}")
         if isinstance(self.protect, str):

@@ -205,7 +205,8 @@ class TokenPruning(PruningTechnique):
         want = scorer.meta.get("n_layers")
         if want is not None and int(want) != n_layers:
             raise PrunerMismatchError(f"{self._source()} was trained for a {want}-layer model "
-                                      f"({scorer.meta.get('model', '?')}), this one has {n_layers} layers: {_TRAIN_HINT}")
+                                      f"({scorer.meta.get('model', '?')}), this one has {n_layers} layers: "
+                                      f"{_TRAIN_HINT}")
         layers = check_prune_layers(self.layers if self.layers is not None else scorer.layers, n_layers)
         missing = [l for l in layers if l not in scorer.layers]
         if missing:

@@ -3,14 +3,16 @@
 Reads top to bottom:
 1. load the Stage 1 file (decision samples, saliency per prune layer); hold out a seeded fraction for evaluation;
 2. one scorer per prune layer (`TokenScorer`: rms-normalised hidden -> d/4 -> 1), trained with the model frozen.
-   At prune layer l the scorer gives each prunable token a keep logit s; its soft keep mask is the binary
-   concrete m = sigmoid((s + logistic noise) / temperature) (protected tokens: m = 1). Masks compound over the
-   prune layers, and log(m) is added to that token's attention scores as a *key* in every deeper layer, so a
-   mask of 0 is exactly the hard drop done at inference and a mask of 1 exactly the full model;
+   At prune layer j the scores of the prunable tokens still present are standardised per sample and thresholded
+   at exactly the count inference keeps there (E-RECAP's compounding keep ratio); the soft keep mask is
+   m = sigmoid((z - threshold) / temperature), with logistic noise on z for exploration; tokens under the
+   threshold leave the present set (as at inference). log(m) is added to that token's attention scores as a
+   *key* in every deeper layer, so a mask of 0 is exactly the hard drop done at inference and 1 the full model;
 3. loss, summed over all prune layers (never overwritten per layer):
    kl_weight     * KL(full model || soft-masked model) of the next-token distribution at the decision tokens
  + rank_weight   * pairwise logistic ranking of the keep logits against |Stage 1 saliency| (sampled pairs)
- + budget_weight * (mean soft keep of the prunable tokens after prune layer j - keep_ratio^(j+1))^2;
+ + budget_weight * (mean soft keep of the prunable tokens after prune layer j - k_j / P)^2 (small by
+                   construction of the threshold; it corrects the sigmoid's asymmetry around it);
    padding is excluded everywhere; scorers are trained in float32 with Adam;
 4. evaluate on the held-out samples with *hard* pruning through the real runtime (`Session` + the technique):
    next-action agreement and KL with the full model, for token_pruning and its count-matched baselines;
@@ -38,7 +40,7 @@ from thrifty.backbones import HFDecoder
 from thrifty.cost import forward_flops
 from thrifty.runtime import Session
 from thrifty.techniques import DecisionContext, Technique, build
-from thrifty.techniques.pruning_common import protected_mask
+from thrifty.techniques.pruning_common import keep_counts, protected_mask
 from thrifty.techniques.token_pruning import TokenScorer, model_fingerprint
 from thrifty.train.saliency import (Sample, _progress, batched_forward, decision_logits, length_batches, load_saliency,
                                     pad_batch)
@@ -55,10 +57,13 @@ class PrunerRecipe:
     lr: float = 2e-3
     tokens_per_batch: int = 4000
     """padded tokens per step"""
-    temperature: float = 0.5
-    """binary-concrete temperature of the soft masks"""
+    temperature: float = 0.25
+    """soft-mask temperature, in standard deviations of the layer's standardised scores"""
+    noise: float = 0.3
+    """scale of the logistic noise added to the standardised scores during training (exploration)"""
     kl_weight: float = 1.0
-    rank_weight: float = 0.5
+    rank_weight: float = 0.1
+    """small: on the shipped planner the KL term carries the signal (docs/pruning.md)"""
     budget_weight: float = 4.0
     rank_pairs: int = 128
     """sampled token pairs per sample and prune layer for the ranking loss"""
@@ -86,24 +91,47 @@ def prunable_mask(samples: list[Sample], n: int, recipe: PrunerRecipe) -> torch.
 
 
 def masked_student(backbone: HFDecoder, scorer: TokenScorer, ids: torch.Tensor, valid: torch.Tensor,
-                   prunable: torch.Tensor, temperature: float, gen: torch.Generator | None):
-    """Soft-pruned forward: final hidden [B, n, d]; per prune layer the keep logits [B, n] and the cumulative
-    log keep mask [B, n] (0 on protected and padding tokens)."""
+                   prunable: torch.Tensor, keep_ratio: float, temperature: float, noise: float,
+                   gen: torch.Generator | None):
+    """Soft-pruned forward at the inference budget.
+
+    At prune layer j the scorer's logits of the prunable tokens still present (`alive`, hard) are standardised
+    per sample (so the scorer sets the ranking, not the sharpness), perturbed by logistic noise of scale `noise`
+    (exploration), and thresholded at the k_j-th largest, k_j being exactly the count inference keeps there
+    (`keep_counts`, compound schedule). Soft mask m = sigmoid((z - threshold) / temperature); tokens below the
+    threshold leave `alive`. Returns the final hidden [B, n, d], the raw logits per prune layer [B, n] and the
+    cumulative log keep mask per prune layer [B, n] (0 on protected and padding tokens).
+    """
+    B = ids.shape[0]
+    n_pr = prunable.sum(-1).tolist()
+    budgets = [keep_counts(int(p), 0, scorer.layers, backbone.n_layers, "compound", keep_ratio)[0] for p in n_pr]
+    alive = prunable.clone()
     scores: dict[int, torch.Tensor] = {}
     cum: dict[int, torch.Tensor] = {}
     total = torch.zeros(ids.shape, dtype=torch.float32)
 
     def after(l: int, h: torch.Tensor):
-        nonlocal total
+        nonlocal total, alive
         if l not in scorer.layers:
             return None
+        j = scorer.layers.index(l)
         s = scorer(l, h.float())  # [B, n]
-        noise = 0.0
-        if gen is not None:
-            u = torch.rand(s.shape, generator=gen).clamp(1e-6, 1 - 1e-6)
-            noise = torch.log(u) - torch.log1p(-u)  # logistic
-        logm = F.logsigmoid((s + noise) / temperature) * prunable
         scores[l] = s
+        cnt = alive.sum(-1, keepdim=True).clamp(min=1)
+        mean = (s * alive).sum(-1, keepdim=True) / cnt
+        std = (((s - mean) ** 2 * alive).sum(-1, keepdim=True) / cnt).add(1e-6).sqrt()
+        z = (s - mean) / std
+        if gen is not None and noise > 0:
+            u = torch.rand(s.shape, generator=gen).clamp(1e-6, 1 - 1e-6)
+            z = z + noise * (torch.log(u) - torch.log1p(-u))
+        ranked = torch.where(alive, z.detach(), torch.full_like(z, float("-inf"))).sort(-1, descending=True).values
+        k = torch.tensor([budgets[b][j] for b in range(B)])
+        # threshold halfway between the last kept and the first dropped (open-ended when nothing or all stay)
+        top = ranked.gather(1, (k - 1).clamp(min=0)[:, None]).squeeze(1)
+        nxt = ranked.gather(1, k.clamp(max=ranked.shape[1] - 1)[:, None]).squeeze(1)
+        thr = torch.where(k == 0, ranked[:, 0] + 1.0, torch.where(torch.isfinite(nxt), (top + nxt) / 2, top - 1.0))
+        logm = F.logsigmoid((z - thr[:, None]) / temperature) * alive
+        alive = alive & (z.detach() > thr[:, None])
         total = total + logm
         cum[l] = total
         return logm.to(h.dtype)
@@ -136,18 +164,23 @@ def contexts_from_samples(samples: list[Sample]) -> list[DecisionContext]:
 
 
 def compare_to_full(backbone: HFDecoder, contexts: list[DecisionContext], technique: Technique,
-                    progress: Any = None) -> dict[str, float]:
+                    progress: Any = None, full_cache: dict | None = None) -> dict[str, float]:
     """Hard pruning with `technique` vs the full model on each context's last-token logits.
 
     agreement: fraction of contexts where the argmax (next action token) is the same; kl: mean KL(full || pruned)
-    in nats; work: mean realised fraction of token-layer work; flops_ratio: sum of pruned / sum of full prefill
-    FLOPs (analytic, scorers included).
+    in nats; work: mean realised fraction of token-layer work; flops_fraction: sum of pruned / sum of full prefill
+    FLOPs (analytic, scorers included). `full_cache` (a dict) keeps the full model's results between calls.
     """
     agree, kls, work, f_full, f_pruned = 0, [], [], 0, 0
     shape = backbone.shape
     for ctx in contexts:
+        key = (id(backbone), tuple(ctx.token_ids.tolist()))
         with torch.inference_mode():
-            full = Session(backbone).extend(ctx.token_ids)
+            full = full_cache.get(key) if full_cache is not None else None
+            if full is None:
+                full = Session(backbone).extend(ctx.token_ids)
+                if full_cache is not None:
+                    full_cache[key] = full
             session, new_from = technique.open_session(backbone, ctx)
             if hasattr(technique, "bind"):
                 technique.bind(backbone)
@@ -164,7 +197,7 @@ def compare_to_full(backbone: HFDecoder, contexts: list[DecisionContext], techni
             progress()
     n = max(1, len(contexts))
     return {"agreement": agree / n, "kl": sum(kls) / n, "work": sum(work) / n,
-            "flops_ratio": f_pruned / max(1, f_full), "contexts": len(contexts)}
+            "flops_fraction": f_pruned / max(1, f_full), "contexts": len(contexts)}
 
 
 def _scorer_flops(technique: Technique, tokens_per_layer: list[int]) -> int:
@@ -210,8 +243,6 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
     scorer = TokenScorer(d, layers, {
         "model": str(model_dir), "model_fingerprint": fp, "n_layers": backbone.n_layers, "hidden_size": d,
         "family": backbone.family})
-    for mod in scorer.scorers.values():
-        torch.nn.init.constant_(mod[-1].bias, 2.0 * recipe.temperature * 2)  # start near "keep everything"
     scorer.train()
     opt = torch.optim.Adam(scorer.parameters(), lr=recipe.lr)
     rng = random.Random(recipe.seed)
@@ -220,6 +251,8 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
     batches: list[list[int]] = []
     history: list[dict[str, float]] = []
     train_seconds = 0.0
+    teacher_cache: dict[int, torch.Tensor] = {}
+    cache_ok = sum(len(samples[i].decisions) for i in train) * backbone.shape.vocab_size <= 50_000_000
     with _progress() as bar:
         task = bar.add_task("pruner (stage 2)", total=recipe.steps)
         for step in range(recipe.steps):
@@ -233,23 +266,34 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
             lr = recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, recipe.steps))))
             for g in opt.param_groups:
                 g["lr"] = lr
-            with torch.no_grad():
-                teacher = decision_logits(backbone, batched_forward(backbone, ids, valid), batch).float()
-            h, scores, cum = masked_student(backbone, scorer, ids, valid, prunable, recipe.temperature, gen)
+            if not all(i in teacher_cache for i in idx):  # the frozen model's decisions, computed once per sample
+                with torch.no_grad():
+                    full = decision_logits(backbone, batched_forward(backbone, ids, valid), batch).float()
+                for i, part in zip(idx, full.log_softmax(-1).split([len(s.decisions) for s in batch])):
+                    if cache_ok:
+                        teacher_cache[i] = part
+                pt = full.log_softmax(-1)
+            else:
+                pt = torch.cat([teacher_cache[i] for i in idx])
+            h, scores, cum = masked_student(backbone, scorer, ids, valid, prunable, recipe.keep_ratio,
+                                            recipe.temperature, recipe.noise, gen)
             student = decision_logits(backbone, h, batch).float()
             weights = torch.tensor([1.0 / len(s.decisions) for s in batch for _ in s.decisions])
-            pt = teacher.log_softmax(-1)
             kl = ((pt.exp() * (pt - student.log_softmax(-1))).sum(-1) * weights).sum() / len(batch)
             rank = torch.zeros(())
             budget = torch.zeros(())
+            n_pr = prunable.sum(-1)
+            targets = torch.tensor([keep_counts(int(p), 0, layers, backbone.n_layers, "compound",
+                                                recipe.keep_ratio)[0] for p in n_pr.tolist()], dtype=torch.float32)
+            has = n_pr > 0
             for j, l in enumerate(layers):
                 for r, i in enumerate(idx):
                     n_i = len(samples[i].ids)
                     rank = rank + rank_loss(scores[l][r, :n_i], saliency[l][i], prunable[r, :n_i],
                                             recipe.rank_pairs, gen)
-                kept = (cum[l].exp() * prunable).sum(-1) / prunable.sum(-1).clamp(min=1)  # [B]
-                has = prunable.any(-1)
-                budget = budget + ((kept - recipe.keep_ratio ** (j + 1)) ** 2 * has).sum() / max(1, int(has.sum()))
+                kept = (cum[l].exp() * prunable).sum(-1) / n_pr.clamp(min=1)  # [B] soft fraction kept
+                gap = (kept - targets[:, j] / n_pr.clamp(min=1)) ** 2
+                budget = budget + (gap * has).sum() / max(1, int(has.sum()))
             rank = rank / len(batch)
             loss = recipe.kl_weight * kl + recipe.rank_weight * rank + recipe.budget_weight * budget
             opt.zero_grad(set_to_none=True)
@@ -268,6 +312,7 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
     # 4. evaluate on held-out samples, hard pruning through the runtime
     contexts = contexts_from_samples([samples[i] for i in held])[: recipe.eval_samples]
     metrics: dict[str, Any] = {}
+    full_cache: dict = {}
     settings = {"keep_ratio": recipe.keep_ratio, "layers": layers, "sink_tokens": recipe.sink_tokens,
                 "recent_tokens": recipe.recent_tokens}
     with _progress() as bar:
@@ -277,7 +322,7 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
             if name == "token_pruning":
                 tech.use_scorer(scorer)
             metrics[name] = {k: round(v, 4) for k, v in
-                             compare_to_full(backbone, contexts, tech, lambda: bar.advance(task)).items()}
+                             compare_to_full(backbone, contexts, tech, lambda: bar.advance(task), full_cache).items()}
 
     # 5. save
     out = Path(out)

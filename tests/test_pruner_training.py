@@ -1,0 +1,173 @@
+"""Stage 1 saliency and Stage 2 pruner recipes on a tiny planner: files, metadata, padding, losses, exactness."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from thrifty.backbones import HFDecoder, tiny_model
+from thrifty.runtime import Session
+from thrifty.techniques.token_pruning import PrunerMismatchError, TokenPruning, TokenScorer
+from thrifty.train.pruner import PrunerRecipe, masked_student, prunable_mask, rank_loss, train_pruner
+from thrifty.train.saliency import (batched_forward, compute_saliency, load_saliency, load_samples, pad_batch,
+                                    train_saliency)
+
+
+@pytest.fixture(scope="module")
+def planner_dir(tmp_path_factory):
+    """A tiny untrained planner (BPE tokenizer from a few expert transcripts, random 6-layer Llama) and the
+    transcripts as JSON lines."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from thrifty.agents.transcript import Transcript
+    from thrifty.train.planner import collect_episode, train_tokenizer
+
+    rng = random.Random(0)
+    episodes = [collect_episode(lv, seed, 0.1, rng) for lv in ("GoToLocal", "PutNextLocal") for seed in range(8)]
+    tok = train_tokenizer([Transcript(e["mission"], e["observations"], e["taken"]).text() for e in episodes], 320)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("planner")
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    data = path / "transcripts.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    return path, data
+
+
+@pytest.fixture(scope="module")
+def saliency_file(planner_dir, tmp_path_factory):
+    model, data = planner_dir
+    out = tmp_path_factory.mktemp("sal") / "saliency.safetensors"
+    return train_saliency(model, out, data=data, samples=16, seed=0)
+
+
+def test_saliency_file(saliency_file, planner_dir):
+    samples, sal, meta = load_saliency(saliency_file)
+    assert meta["layers"] == [1, 2, 3] and meta["seed"] == 0 and meta["model"] == str(planner_dir[0])
+    assert meta["data"]["kind"] == "planner" and meta["data"]["source"] == str(planner_dir[1])
+    assert meta["model_fingerprint"] and meta["hidden_size"] == 32 and meta["n_layers"] == 6
+    assert len(samples) == 16 and set(sal) == {1, 2, 3}
+    for i, s in enumerate(samples):
+        assert s.decisions == [len(s.ids) - 1] and s.observation[1] == len(s.ids) and s.mission[0] == 1
+        for l in sal:
+            assert sal[l][i].shape == (len(s.ids),) and torch.isfinite(sal[l][i]).all()
+        assert sal[1][i].abs().sum() > 0
+
+
+def test_saliency_is_padding_invariant(planner_dir):
+    """A sample's saliency is the same alone and in a padded batch (padding is masked out of everything)."""
+    model, data = planner_dir
+    from transformers import AutoTokenizer
+
+    bb = HFDecoder.load(model)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    samples, _ = load_samples(tok, data, 4, seed=1, min_prunable=1)
+    lengths = sorted(len(s.ids) for s in samples)
+    assert lengths[0] < lengths[-1]
+    batch = compute_saliency(bb, samples, (1, 3), tok.pad_token_id, tokens_per_batch=10**6)
+    for i, s in enumerate(samples):
+        alone = compute_saliency(bb, [s], (1, 3), tok.pad_token_id)
+        for l in (1, 3):
+            assert torch.allclose(alone[l][0], batch[l][i], atol=1e-7, rtol=1e-4)
+
+
+def test_dolly_records(planner_dir, tmp_path):
+    model, _ = planner_dir
+    recs = [{"instruction": "go to the red ball", "context": "the ball is to the left of the door " * 3,
+             "response": "turn left then go forward", "category": "open_qa"},
+            {"instruction": "what is a key", "context": "", "response": "a thing that opens doors"}]
+    data = tmp_path / "dolly.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = train_saliency(model, tmp_path / "s.safetensors", data=data, samples=5, seed=0)
+    samples, sal, meta = load_saliency(out)
+    assert meta["data"]["kind"] == "dolly" and len(samples) == 2
+    for s in samples:
+        assert s.targets == s.ids[s.decisions[0] + 1:] and s.observation == (s.decisions[0], len(s.ids))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "?"}) + "\n")
+    with pytest.raises(ValueError, match="expected planner transcripts"):
+        train_saliency(model, tmp_path / "b.safetensors", data=bad, samples=2)
+
+
+def test_hard_masks_equal_pruned_session():
+    """The training relaxation is exact at its ends: a key bias of -inf after layer l is the hard drop."""
+    bb = HFDecoder.from_model(tiny_model("llama", num_hidden_layers=4))
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    dropped = [3, 7, 8, 20]
+
+    def after(l, h):
+        if l != 1:
+            return None
+        bias = torch.zeros(1, 30)
+        bias[0, dropped] = float("-inf")
+        return bias
+
+    with torch.no_grad():
+        h = batched_forward(bb, ids, torch.ones(1, 30, dtype=torch.bool), after)
+    ref = Session(bb).extend(ids[0], layer_hook=lambda l, hh, p: torch.tensor(
+        [i for i in range(30) if i not in dropped]) if l == 1 else None)
+    assert (bb.logits(h[0, -1]) - ref.logits[-1]).abs().max() < 1e-5
+
+
+def test_every_prune_layer_gets_the_saliency_gradient(saliency_file, planner_dir):
+    """E-RECAP overwrote its ranking loss per layer, so it never reached the scorers; here every layer's does."""
+    samples, sal, meta = load_saliency(saliency_file)
+    bb = HFDecoder.load(planner_dir[0])
+    batch = samples[:3]
+    ids, valid = pad_batch(batch, 0)
+    recipe = PrunerRecipe()
+    pr = prunable_mask(batch, ids.shape[1], recipe)
+    sc = TokenScorer(32, (1, 2, 3), {})
+    g = torch.Generator().manual_seed(0)
+    _, scores, cum = masked_student(bb, sc, ids, valid, pr, 0.6, 0.25, 0.3, g)
+    loss = sum(rank_loss(scores[l][r, :len(s.ids)], sal[l][r], pr[r, :len(s.ids)], 64, g)
+               for l in (1, 2, 3) for r, s in enumerate(batch))
+    loss.backward()
+    for l in ("1", "2", "3"):
+        assert sc.scorers[l][0].weight.grad.abs().sum() > 0
+    assert all((cum[l] <= 0).all() for l in cum)
+    assert (cum[3] <= cum[1] + 1e-6).all()  # masks compound
+
+
+def test_train_pruner(saliency_file, planner_dir, tmp_path):
+    model, _ = planner_dir
+    out = train_pruner(model, saliency_file, tmp_path / "pruner", keep_ratio=0.6, steps=3, seed=0,
+                       recipe=PrunerRecipe(keep_ratio=0.6, steps=3, eval_samples=4, tokens_per_batch=2000))
+    assert out == tmp_path / "pruner" / "model.safetensors"
+    card = json.loads((tmp_path / "pruner" / "card.json").read_text())
+    assert card["prune_layers"] == [1, 2, 3] and card["seed"] == 0 and card["for_model"]["hidden_size"] == 32
+    assert set(card["heldout"]) >= {"token_pruning", "random_pruning", "recency_pruning", "sink_window"}
+    assert card["stage1"]["data"]["kind"] == "planner" and card["training"]["steps"] == 3
+    tp = card["heldout"]["token_pruning"]
+    assert 0 <= tp["agreement"] <= 1 and tp["work"] < 1
+    assert card["heldout"]["random_pruning"]["work"] == tp["work"]  # count-matched
+    sc = TokenScorer.load(out)
+    assert sc.meta["hidden_size"] == 32 and sc.meta["n_layers"] == 6 and sc.meta["data"]["kind"] == "planner"
+    bb = HFDecoder.load(model)
+    TokenPruning(keep_ratio=0.6, pruner=str(tmp_path / "pruner")).bind(bb)
+    other = HFDecoder.from_model(tiny_model("llama", num_hidden_layers=6))
+    with pytest.raises(PrunerMismatchError, match="hidden size 32"):
+        TokenPruning(keep_ratio=0.6, pruner=str(out)).bind(other)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        train_pruner(model, saliency_file, tmp_path / "p2", keep_ratio=1.5, steps=1)
+
+
+def test_pruning_quality_on_heldout_contexts(saliency_file, planner_dir, tmp_path):
+    from thrifty.bench.pruning_quality import run_pruning_quality
+
+    model, _ = planner_dir
+    pruner = train_pruner(model, saliency_file, tmp_path / "pruner",
+                          recipe=PrunerRecipe(keep_ratio=0.5, steps=1, eval_samples=2))
+    out = run_pruning_quality(model, keeps=(0.5,), settings={"pruner": str(pruner)}, episodes_per_level=1,
+                              per_level=3, out_json=tmp_path / "q.json")
+    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
+    assert rows == json.loads(json.dumps(out["rows"]))
+    pooled = {r["technique"]: r for r in rows if r["level"] == "all"}
+    assert set(pooled) == {"token_pruning", "random_pruning", "recency_pruning", "sink_window"}
+    works = {round(r["work"], 9) for r in pooled.values()}
+    assert len(works) == 1 and works.pop() < 1  # count-matched
+    assert all(0 <= r["agreement"] <= 1 and r["kl"] >= -1e-6 and r["contexts"] > 0 for r in pooled.values())
