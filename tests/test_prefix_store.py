@@ -149,3 +149,30 @@ def test_shared_store_is_one_per_name():
         shared_store("test-shared", 2000)
     with pytest.raises(ValueError):
         PrefixStore(-1)
+
+
+def test_lookup_on_a_base_session_equals_a_plain_lookup():
+    """A kept session plus the store's rest (what prefix_reuse does) equals assembling it all from the store."""
+    bb = backbone()
+    a = _ids(30)
+    store = PrefixStore(1 << 24)
+    for cut in (8, 17, 30):  # a chain of three edges, like three decisions
+        store.insert(_session(a[:cut]))
+    drop_odd = lambda l, h, p: torch.nonzero((p % 2 == 0) | (p == p[-1])).flatten() if l == 1 else None
+    for base_len in (0, 5, 8, 12):
+        base = Session(bb)
+        if base_len:
+            base = store.lookup(bb, a[:base_len])[0]
+        via_base, n = store.lookup(bb, a + [1], base=base if base_len else None)
+        plain, n2 = store.lookup(bb, a + [1])
+        assert n == n2 == 30 and via_base.kv_lengths() == plain.kv_lengths()
+        assert all(torch.equal(x, y) for x, y in zip(via_base.kv_tensors(), plain.kv_tensors()))
+    with pytest.raises(ValueError, match="prefix"):
+        store.lookup(bb, a, base=_session([7, 7, 7]))
+    pruned = PrefixStore(1 << 24)
+    pruned.insert(_session(a, hook=drop_odd))
+    base = pruned.lookup(bb, a[:9])[0]
+    via_base, _ = pruned.lookup(bb, a, base=base)
+    plain, _ = pruned.lookup(bb, a)
+    assert via_base.kv_lengths() == plain.kv_lengths()
+    assert all(torch.equal(x, y) for x, y in zip(via_base.positions, plain.positions))

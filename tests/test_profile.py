@@ -10,7 +10,8 @@ from thrifty.bench.profile import profile_backbone, run_profile
 @pytest.mark.parametrize("mode", ["prefill", "end2end"])
 def test_run_profile(tmp_path, mode):
     out = run_profile("tiny-4x64", mode=mode, lengths=[48, 96], keeps=[0.9, 0.5], gen_tokens=5, repeats=1,
-                      warmup=0, out_json=tmp_path / "p.json", out_png=tmp_path / "p.png")
+                      warmup=0, out_json=tmp_path / "p.json", out_png=tmp_path / "p.png",
+                      fresh_memory=False)
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["mode"] == mode and saved["threads"] == 1 and saved["prune_layers"] == [1]
     assert (tmp_path / "p.png").stat().st_size > 0
@@ -21,6 +22,8 @@ def test_run_profile(tmp_path, mode):
         assert pruned["tokens_per_layer"][:2] == [r["length"]] * 2 and pruned["tokens_per_layer"][2] < r["length"]
         assert r["flops_ratio"] > 1 and r["speedup"] > 0 and len(pruned["prefill_times_s"]) == 1
         assert pruned["prefill_flops"] < full["prefill_flops"]
+        assert pruned["kv_bytes_after_prefill"] < full["kv_bytes_after_prefill"]
+        assert full["peak_rss_bytes"] > 0 and pruned["peak_rss_bytes"] > 0
         if mode == "end2end":
             assert full["decode_flops"] > pruned["decode_flops"] > 0  # exactly 5 tokens decoded in both arms
         else:
@@ -28,6 +31,14 @@ def test_run_profile(tmp_path, mode):
     lower = {r["length"]: r["flops_ratio"] for r in saved["results"] if r["keep_ratio"] == 0.5}
     upper = {r["length"]: r["flops_ratio"] for r in saved["results"] if r["keep_ratio"] == 0.9}
     assert all(lower[n] > upper[n] for n in lower)
+
+
+def test_fresh_process_memory_probe():
+    """What the spawned child runs (called here in-process: spawning is slow on a busy machine)."""
+    from thrifty.bench.profile import _fresh_peak
+
+    peak, start = _fresh_peak("tiny-4x64", list(range(40)), 0.5, "compound", None, None, 3, 1)
+    assert peak >= start > 0
 
 
 def test_bad_profile_inputs():

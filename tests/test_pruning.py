@@ -285,3 +285,26 @@ def test_reports_and_planner_loop():
     assert rep["kept"] == [int(rep["prunable"] * 0.7)] + rep["kept"][1:] and 0 < rep["work"] < 1
     t.reset()
     assert t.report() == {}
+
+
+def test_weights_probe_without_bind(tmp_path, monkeypatch):
+    """Unbound (as the planner calls it), a pruner still notices other weights of the same shape: the hidden state
+    of the first token after a prune layer depends on nothing but the weights."""
+    sc = TokenScorer(64, (1, 2, 3), {"n_layers": N_LAYERS})
+    sc.record_probe(backbone(), token_id=7)
+    path = sc.save(tmp_path / "p.safetensors")
+    assert set(TokenScorer.load(path).probe) == {1, 2, 3}
+    ctx = context(n=80)
+    ctx = DecisionContext(torch.cat([torch.tensor([7]), ctx.token_ids[1:]]), ctx.spans)
+    prefill(TokenPruning(keep_ratio=0.5, pruner=str(path)), ctx)  # the right weights: silent
+    with pytest.warns(PrunerFingerprintWarning, match="probe token differs"):
+        prefill(TokenPruning(keep_ratio=0.5, pruner=str(path)), ctx, backbone(seed=1))
+    # the shipped pruner (default) refuses other weights outright, bound or not
+    import thrifty.techniques.token_pruning as tp
+
+    monkeypatch.setattr(tp, "SHIPPED_PRUNER", path)
+    prefill(TokenPruning(keep_ratio=0.5), ctx)
+    with pytest.raises(PrunerMismatchError, match="probe token differs"):
+        prefill(TokenPruning(keep_ratio=0.5), ctx, backbone(seed=1))
+    with pytest.raises(PrunerMismatchError, match="not for this backbone"):
+        TokenPruning(keep_ratio=0.5).bind(backbone(seed=1))

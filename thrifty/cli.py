@@ -125,6 +125,7 @@ def train_planner_cmd(
     run_dir: Path = typer.Option(Path("runs/planner"), help="transcripts and resumable checkpoints"),
     steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps (default: the recipe's)"),
     threads: int = typer.Option(2, min=1, help="torch threads"),
+    stop_at: Optional[int] = typer.Option(None, min=1, help="stop at this step of the schedule and export"),
 ) -> None:
     """Rebuild the BabyAI-Text planner (behaviour cloning on expert transcripts); resumes from RUN_DIR."""
     from thrifty.bench import SHIPPED_PLANNER
@@ -133,7 +134,8 @@ def train_planner_cmd(
     recipe = PlannerRecipe(threads=threads)
     if steps:
         recipe.steps = steps
-    path = train_planner(recipe, out or SHIPPED_PLANNER, run_dir, command="thrifty " + " ".join(sys.argv[1:]))
+    path = train_planner(recipe, out or SHIPPED_PLANNER, run_dir, command="thrifty " + " ".join(sys.argv[1:]),
+                         stop_at=stop_at)
     console.print(f"planner written to {path}; measure it with `thrifty bench planner --model {path}`")
 
 

@@ -6,7 +6,9 @@ arm is warmed up (discarded) and then timed `repeats` times, interleaved arm by 
 hits both alike; medians are reported with every sample and the fixed thread count. In end2end mode both arms
 then greedily decode exactly `gen_tokens` tokens from the cache the prefill left (no stop token). FLOPs come
 from `thrifty.cost.forward_flops` on the per-layer work each arm actually did, plus the scorers for the pruned
-arm. Peak memory is the resident-set high-water mark of one extra run of each arm (`PeakRSS`).
+arm. Memory: the exact KV-cache bytes each arm leaves after prefill, and the resident-set high-water mark of one
+run of each arm in a fresh process (`PeakRSS`; in-process it would mostly measure what the allocator kept from
+earlier runs), weights included.
 
 Models: a local Hugging Face directory, or "tiny-LxD" (e.g. "tiny-12x512"), a random-initialised Llama of L
 layers and hidden size D (D/64 heads, half as many KV heads, MLP 2.75 D, vocab 4096). Pruned prefill uses the
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 from thrifty.backbones import HFDecoder, tiny_model
-from thrifty.cost import PeakRSS, forward_flops
+from thrifty.cost import PeakRSS, forward_flops, kv_bytes
 from thrifty.runtime import Session
 from thrifty.techniques import DecisionContext
 from thrifty.techniques.pruning_common import default_prune_layers
@@ -82,17 +84,39 @@ def _arm(backbone: HFDecoder, ids: torch.Tensor, technique: TokenPruning | None,
         hook = technique.prefill_hook(ctx, backbone.n_layers, new_from)
         pre = session.extend(ids[new_from:], logits="last", layer_hook=hook)
     t1 = time.perf_counter()
+    kv = kv_bytes(session.kv_tensors())
     dec = session.decode(gen_tokens, stop_ids=()) if gen_tokens else None
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, pre.works, (dec.works if dec else [])
+    return t1 - t0, t2 - t1, pre.works, (dec.works if dec else []), kv
+
+
+def _fresh_peak(model: str, ids: list[int], keep: float | None, schedule: str, layers, pruner, gen: int,
+                threads: int) -> tuple[int, int]:
+    """(peak, start) resident bytes of one run of an arm in this (fresh) process; run in a spawned child."""
+    torch.set_num_threads(threads)
+    backbone = profile_backbone(model)
+    tech = None if keep is None else _technique(backbone, keep, schedule, layers, pruner)[0]
+    ids_t = torch.tensor(ids)
+    with torch.inference_mode(), PeakRSS() as mem:
+        _arm(backbone, ids_t, tech, gen)
+    return mem.peak_bytes, mem.start_bytes
+
+
+def _peak_in_child(*args) -> tuple[int, int]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(_fresh_peak, *args).result()
 
 
 def run_profile(model: str, mode: str = "prefill", lengths=(1024, 2048, 4096), keeps=(0.9, 0.8, 0.7),
                 gen_tokens: int = 32, repeats: int = 3, out_json: str | Path | None = None,
                 out_png: str | Path | None = None, warmup: int = 1, threads: int = 1, schedule: str = "compound",
-                layers=None, pruner: str | None = None, seed: int = 0) -> dict[str, Any]:
+                layers=None, pruner: str | None = None, seed: int = 0, fresh_memory: bool = True) -> dict[str, Any]:
     """Profile the full model against pruned prefill at each keep ratio and length; returns the results dict
-    (also written to `out_json`, with a plot of speedup and FLOPs ratio against length at `out_png`)."""
+    (also written to `out_json`, with a plot of speedup and FLOPs ratio against length at `out_png`).
+    `fresh_memory`: measure each arm's peak resident memory in a fresh process (False: in this one)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if mode not in MODES:
@@ -123,14 +147,21 @@ def run_profile(model: str, mode: str = "prefill", lengths=(1024, 2048, 4096), k
             for r in range(warmup + repeats):  # interleaved: every arm once per round
                 for name, tech in named:
                     bar.update(task, description=f"profile {mode} L={length} {name}")
-                    pre_s, dec_s, _, _ = _arm(backbone, ids, tech, gen)
+                    pre_s, dec_s, _, _, _ = _arm(backbone, ids, tech, gen)
                     if r >= warmup:
                         times[name].append((pre_s, dec_s))
                     bar.advance(task)
             arm_stats = {}
+            keep_of = {"full": None, **{f"keep {k}": float(k) for k, _, _ in arms}}
             for name, tech in named:
-                with PeakRSS() as mem:
-                    _, _, works, dec_works = _arm(backbone, ids, tech, gen)
+                _, _, works, dec_works, kv = _arm(backbone, ids, tech, gen)
+                if fresh_memory:
+                    peak, start = _peak_in_child(model, ids.tolist(), keep_of[name], schedule, layers, pruner, gen,
+                                                 threads)
+                else:
+                    with PeakRSS() as mem:
+                        _arm(backbone, ids, tech, gen)
+                    peak, start = mem.peak_bytes, mem.start_bytes
                 bar.advance(task)
                 tokens = [w.queries for w in works]
                 pre_flops = forward_flops(shape, works, 1) + _scorer_flops(tech, tokens)
@@ -142,8 +173,8 @@ def run_profile(model: str, mode: str = "prefill", lengths=(1024, 2048, 4096), k
                     "decode_median_s": statistics.median([t[1] for t in times[name]]),
                     "total_median_s": statistics.median(tot_t),
                     "prefill_flops": pre_flops, "decode_flops": dec_flops,
-                    "tokens_per_layer": tokens, "kv_per_layer_after_prefill": tokens,
-                    "peak_rss_bytes": mem.peak_bytes, "delta_rss_bytes": mem.delta_bytes,
+                    "tokens_per_layer": tokens, "kv_per_layer_after_prefill": tokens, "kv_bytes_after_prefill": kv,
+                    "peak_rss_bytes": peak, "delta_rss_bytes": max(0, peak - start),
                 }
             full = arm_stats["full"]
             for k, tech, scorer_desc in arms:
@@ -166,6 +197,7 @@ def run_profile(model: str, mode: str = "prefill", lengths=(1024, 2048, 4096), k
     out = {
         "model": model, "shape": shape.__dict__, "mode": mode, "gen_tokens": gen, "repeats": repeats,
         "warmup": warmup, "threads": torch.get_num_threads(), "schedule": schedule,
+        "memory": "fresh process per arm" if fresh_memory else "in process (allocator reuse hides deltas)",
         "prune_layers": arms[0][1].report().get("prune_layers") if arms else None,
         "scorer": arms[0][2] if arms else None, "input": f"uniform random token ids, torch seed {seed}",
         "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),

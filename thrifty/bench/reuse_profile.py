@@ -8,15 +8,17 @@ Protocol (DESIGN.md "Measuring"):
    ignored; the trajectory's action is appended, as in a replanning agent whose action was overridden), so all
    arms see identical inputs and a stateful arm (reuse) pays its real rollbacks;
 3. each arm plays the trajectory `warmup` times (discarded) then `repeats` times, each time with a fresh technique
-   (no prefix store carried between repeats); per step the median wall time over the repeats is kept, with the
-   analytic FLOPs (deterministic) and the tokens served from cache;
+   (no prefix store carried between repeats), arms interleaved replay by replay so that load on the machine hits
+   them alike; per step the median wall time over the repeats is kept, with the analytic FLOPs (deterministic)
+   and the tokens served from cache;
 4. the torch thread count is fixed and recorded.
 
 Output: a JSON file (per arm: per-step medians; summary at the report steps: latency, speedup vs "full", FLOPs,
 hit rate) and a plot (latency and FLOPs against the decision step, one line per arm).
 
 Example:
-    profile_reuse(model_dir, out_dir=Path("results/reuse_profile"), steps=64, report_steps=(16, 32, 64))
+    profile_reuse(model_dir, out_dir="results/reuse_profile", steps=64, report_steps=(16, 32, 64),
+                  arms=default_arms("random_pruning", keep_ratio=0.7))
 """
 
 from __future__ import annotations
@@ -39,8 +41,7 @@ DEFAULT_ARMS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
     "prefix_reuse": ("prefix_reuse", {}),
 }
-"""arm name -> (technique name, settings). Add pruning arms with e.g. `("random_pruning", {"keep_ratio": 0.7})`
-and `("composed", {"techniques": ["prefix_reuse", "random_pruning"], "part_settings": {...}})`."""
+"""arm name -> (technique name, settings); `default_arms(pruning)` adds a pruning technique alone and composed."""
 
 
 @dataclass
@@ -95,17 +96,8 @@ def _play(planner, traj: Trajectory) -> list[dict[str, Any]]:
     return out
 
 
-def profile_arm(planner, technique_name: str, settings: dict[str, Any], traj: Trajectory, warmup: int,
-                repeats: int) -> dict[str, Any]:
-    """Per-step medians of one arm over `repeats` replays (after `warmup` discarded ones)."""
-    from thrifty.techniques import build
-
-    runs = []
-    for i in range(warmup + repeats):
-        planner.technique = build(technique_name, **settings)  # fresh: nothing cached from an earlier replay
-        played = _play(planner, traj)
-        if i >= warmup:
-            runs.append(played)
+def _arm_result(technique_name: str, settings: dict[str, Any], runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per-step medians of one arm over its timed replays."""
     first = runs[0]
     return {
         "technique": technique_name,
@@ -117,6 +109,17 @@ def profile_arm(planner, technique_name: str, settings: dict[str, Any], traj: Tr
         "prefix_tokens_reused": [d["prefix_tokens_reused"] for d in first],
         "kv_per_layer": [d["kv_per_layer"] for d in first],
     }
+
+
+def default_arms(pruning: str | None = "random_pruning", keep_ratio: float = 0.7) -> dict[str, tuple[str, dict]]:
+    """`DEFAULT_ARMS`, plus `pruning` alone and composed with prefix reuse (history settling) when given."""
+    arms = dict(DEFAULT_ARMS)
+    if pruning:
+        settings = {"keep_ratio": keep_ratio}
+        arms[pruning] = (pruning, settings)
+        arms[f"prefix_reuse+{pruning}"] = ("composed", {"techniques": ["prefix_reuse", pruning],
+                                                         "part_settings": {pruning: settings}})
+    return arms
 
 
 def summarize_profile(arms: dict[str, dict[str, Any]], report_steps: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -172,6 +175,7 @@ def profile_reuse(model_dir: str | Path, out_dir: str | Path = "results/reuse_pr
                   arms: dict[str, tuple[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Run the protocol for every arm; write `profile.json` and `profile.png` under out_dir; return the result."""
     from thrifty.agents.planner import TextPlanner
+    from thrifty.techniques import build
 
     if max(report_steps) > steps:
         raise ValueError(f"report steps {report_steps} go beyond the {steps} steps played")
@@ -182,8 +186,14 @@ def profile_reuse(model_dir: str | Path, out_dir: str | Path = "results/reuse_pr
     traj = forced_trajectory(level, eval_seed(seed_index), steps)
     planner = TextPlanner.load(model_dir)
     t0 = time.perf_counter()
-    results = {name: profile_arm(planner, tech, settings, traj, warmup, repeats)
-               for name, (tech, settings) in arms.items()}
+    runs: dict[str, list] = {name: [] for name in arms}
+    for i in range(warmup + repeats):  # arms interleaved, so that load on the machine hits them alike
+        for name, (tech, settings) in arms.items():
+            planner.technique = build(tech, **settings)  # fresh: nothing cached from an earlier replay
+            played = _play(planner, traj)
+            if i >= warmup:
+                runs[name].append(played)
+    results = {name: _arm_result(tech, settings, runs[name]) for name, (tech, settings) in arms.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize_profile(results, report_steps)

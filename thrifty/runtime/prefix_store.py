@@ -117,6 +117,7 @@ class PrefixStore:
         self._roots: dict[tuple[int, str], _Root] = {}
         self._clock = itertools.count(1)
         self.nbytes = 0
+        self.n_nodes = 0
         self.queries = self.hits = self.inserted_tokens = self.evicted_bytes = 0
 
     # ------------------------------------------------------------------ walking
@@ -134,11 +135,15 @@ class PrefixStore:
             child = node.children.get(int(ids[n]))
             if child is None:
                 break
-            m = 0
-            for a, b in zip(child.tokens, ids[n:]):
-                if a != int(b):
-                    break
-                m += 1
+            k = len(child.tokens)
+            if tuple(ids[n:n + k]) == child.tokens:  # the common case, compared in C
+                m = k
+            else:
+                m = 0
+                for a, b in zip(child.tokens, ids[n:]):
+                    if a != b:
+                        break
+                    m += 1
             path.append(child)
             n += m
             if m < len(child.tokens):
@@ -149,13 +154,16 @@ class PrefixStore:
     def match(self, backbone, ids: Sequence[int], namespace: str = "") -> int:
         """Length of the longest prefix of ids the store holds (no counters or LRU touched)."""
         root = self._root(backbone, namespace, create=False)
-        return 0 if root is None else self._walk(root, list(ids))[1]
+        return 0 if root is None else self._walk(root, [int(t) for t in ids])[1]
 
-    def lookup(self, backbone, ids: Sequence[int], namespace: str = "",
-               max_len: int | None = None) -> tuple[Session | None, int]:
+    def lookup(self, backbone, ids: Sequence[int], namespace: str = "", max_len: int | None = None,
+               base: Session | None = None) -> tuple[Session | None, int]:
         """A new session holding the longest cached prefix of ids[:max_len], and its length ((None, 0) on a miss).
 
-        Counts len(ids) queried tokens and the prefix length as hits, and marks the path as recently used.
+        base: a session holding a prefix of ids computed under the same policy (e.g. a kept session rolled back
+        to its common prefix); its entries are used for its positions and only the rest comes from the store
+        (cheaper than assembling the whole prefix from many edges). Counts len(ids) queried tokens and the
+        prefix length as hits, and marks the path as recently used.
         """
         ids = [int(t) for t in ids]
         self.queries += len(ids)
@@ -166,13 +174,24 @@ class PrefixStore:
         if n == 0:
             return None, 0
         tick = next(self._clock)
+        b = 0
+        if base is not None:
+            b = min(base.next_position, n)
+            if base.token_ids[:b] != ids[:b]:
+                raise ValueError("base must hold a prefix of ids")
         layers: list[Segment | None] = []
         for l in range(backbone.n_layers):
             segs = []
+            if b:
+                seg = session_layer_kv(base, l)
+                if seg is not None and seg[2].numel():
+                    segs.append(_take(seg, seg[2] < b) if int(seg[2][-1]) >= b else seg)
             for node in path:
+                if node.end <= b:
+                    continue
                 seg = node.kv[l]
-                if node.end > n:  # the last edge matches only partly
-                    seg = _take(seg, seg[2] < n)
+                if node.end > n or node.start < b:  # edges cut by the match's end or by the base
+                    seg = _take(seg, (seg[2] >= b) & (seg[2] < n))
                 if seg[2].numel():
                     segs.append(seg)
             if not segs:
@@ -220,6 +239,7 @@ class PrefixStore:
             leaf.nbytes = sum(_segment_bytes(s) for s in kv)
             parent.children[leaf.tokens[0]] = leaf
             self.nbytes += leaf.nbytes
+            self.n_nodes += 1
             self.inserted_tokens += added
         self._evict()
         return added
@@ -237,6 +257,7 @@ class PrefixStore:
         node.nbytes = sum(_segment_bytes(s) for s in lower_kv)
         upper.children[node.tokens[0]] = node
         self.nbytes += upper.nbytes + node.nbytes
+        self.n_nodes += 1
         return upper
 
     # ------------------------------------------------------------------ eviction
@@ -254,6 +275,7 @@ class PrefixStore:
             leaf = min(self._leaves(), key=lambda x: x.last_used)
             del leaf.parent.children[leaf.tokens[0]]
             self.nbytes -= leaf.nbytes
+            self.n_nodes -= 1
             self.evicted_bytes += leaf.nbytes
             leaf.parent = None
         for key in [k for k, r in self._roots.items() if not r.node.children]:
@@ -262,7 +284,7 @@ class PrefixStore:
     def clear(self) -> None:
         """Drop every entry (counters are kept)."""
         self._roots.clear()
-        self.nbytes = 0
+        self.nbytes = self.n_nodes = 0
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -270,20 +292,12 @@ class PrefixStore:
         """hits / queries in tokens (0.0 before any lookup)."""
         return self.hits / self.queries if self.queries else 0.0
 
-    def n_nodes(self) -> int:
-        count, stack = 0, [r.node for r in self._roots.values()]
-        while stack:
-            node = stack.pop()
-            count += node.parent is not None
-            stack.extend(node.children.values())
-        return count
-
     def stats(self) -> dict:
-        return {"store_bytes": self.nbytes, "store_budget_bytes": self.budget_bytes, "store_nodes": self.n_nodes(),
+        return {"store_bytes": self.nbytes, "store_budget_bytes": self.budget_bytes, "store_nodes": self.n_nodes,
                 "store_queries": self.queries, "store_hits": self.hits, "store_evicted_bytes": self.evicted_bytes}
 
     def __repr__(self) -> str:
-        return f"PrefixStore(bytes={self.nbytes}/{self.budget_bytes}, nodes={self.n_nodes()}, hit_rate={self.hit_rate:.3f})"
+        return f"PrefixStore(bytes={self.nbytes}/{self.budget_bytes}, nodes={self.n_nodes}, hit_rate={self.hit_rate:.3f})"
 
 
 def _empty_segment(session: Session, layer: int) -> Segment:

@@ -39,6 +39,8 @@ from thrifty.techniques.base import DecisionContext, Technique, register
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the common case, compared in C
+        return n
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
@@ -95,7 +97,9 @@ class PrefixReuse(Technique):
             if reused > 0:
                 session, source = kept, "session"
         if self.store is not None and self.store.match(backbone, ids[:limit], self.namespace) > reused:
-            session, reused = self.store.lookup(backbone, ids, self.namespace, max_len=limit)
+            if session is not None:
+                session.rollback(reused)  # the store adds to what the kept session has
+            session, reused = self.store.lookup(backbone, ids, self.namespace, max_len=limit, base=session)
             source = "store"
         if session is None:
             session, reused = Session(backbone), 0

@@ -64,6 +64,11 @@ class TokenScorer(nn.Module):
 
     `meta` records what the checkpoint is for: model, model_fingerprint, hidden_size, n_layers, layers and
     the training recipe; `save`/`load` keep it in the safetensors header.
+
+    `probe` (layer -> hidden [d]) holds the model's own hidden state of the token `meta["probe_token"]` at
+    position 0 after each prune layer. Position 0 attends only to itself, so any context that starts with that
+    token (every planner context starts with <bos>) shows the same vector at its first row if, and only if, the
+    weights are the ones the pruner was trained for: a weights check that needs no access to the backbone.
     """
 
     def __init__(self, hidden_size: int, layers: tuple[int, ...], meta: dict[str, Any] | None = None) -> None:
@@ -76,6 +81,31 @@ class TokenScorer(nn.Module):
             str(l): nn.Sequential(nn.Linear(self.hidden_size, inner), nn.GELU(), nn.Linear(inner, 1))
             for l in self.layers
         })
+        self.probe: dict[int, torch.Tensor] = {}
+
+    def record_probe(self, backbone, token_id: int) -> None:
+        """Store the backbone's hidden state of `token_id` at position 0 after each prune layer."""
+        from thrifty.runtime import Session
+
+        seen: dict[int, torch.Tensor] = {}
+
+        def grab(layer: int, h: torch.Tensor, positions: torch.Tensor) -> None:
+            if layer in self.layers:
+                seen[layer] = h[0, 0].detach().float().cpu().clone()
+
+        with torch.no_grad():
+            Session(backbone).extend([int(token_id)], layer_hook=grab)
+        self.probe = seen
+        self.meta["probe_token"] = int(token_id)
+
+    def probe_matches(self, layer: int, hidden_row: torch.Tensor) -> bool | None:
+        """Whether hidden [d] (position 0, the probe token, after `layer`) is the stored one; None: no probe."""
+        ref = self.probe.get(layer)
+        if ref is None:
+            return None
+        x = hidden_row.detach().float().cpu()
+        cos = float(torch.nn.functional.cosine_similarity(x, ref, dim=0))
+        return cos > 0.999 and abs(float(x.norm() / ref.norm().clamp(min=1e-12)) - 1.0) < 0.01
 
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] at the output of decoder layer `layer` -> keep logits [...]."""
@@ -95,6 +125,7 @@ class TokenScorer(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta, format=FORMAT, hidden_size=self.hidden_size, layers=list(self.layers))
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors.update({f"probe.{l}": v.contiguous() for l, v in self.probe.items()})
         save_file(tensors, str(path), metadata={"thrifty": json.dumps(meta)})
         return path
 
@@ -117,6 +148,7 @@ class TokenScorer(nn.Module):
             raise PrunerMismatchError(f"{path} is not a thrifty pruner checkpoint (format {meta.get('format')!r}, "
                                       f"expected {FORMAT!r})")
         scorer = cls(meta["hidden_size"], tuple(meta["layers"]), meta)
+        scorer.probe = {int(k.split(".")[1]): tensors.pop(k) for k in list(tensors) if k.startswith("probe.")}
         scorer.load_state_dict(tensors)
         scorer.requires_grad_(False)
         return scorer.eval()
@@ -159,10 +191,11 @@ class TokenPruning(PruningTechnique):
         self._scorer: TokenScorer | None = None
         self._given = False  # the scorer came from use_scorer()
         self._bound: int | None = None  # id() of the backbone the scorer was fully checked against
+        self._probed = False  # the weights probe was checked (unbound use)
 
     def use_scorer(self, scorer: TokenScorer) -> "TokenPruning":
         """Use an in-memory scorer (tests, training evaluation) instead of loading `pruner`."""
-        self._scorer, self._given, self._bound = scorer.eval(), True, None
+        self._scorer, self._given, self._bound, self._probed = scorer.eval(), True, None, False
         return self
 
     @property
@@ -229,6 +262,16 @@ class TokenPruning(PruningTechnique):
                     f"{scorer.hidden_size}), but this backbone has hidden size {hidden.shape[-1]}: {_TRAIN_HINT}")
             if next(scorer.parameters()).dtype != hidden.dtype:
                 self._scorer = scorer = scorer.to(dtype=hidden.dtype, device=hidden.device)
+            first = int(positions[0]) == 0 and int(ctx.token_ids[0]) == scorer.meta.get("probe_token")
+            if not self._probed and first:
+                if scorer.probe_matches(layer, hidden[0, 0]) is False:
+                    msg = (f"{self._source()} was trained for other weights ({scorer.meta.get('model', '?')}, "
+                           f"{scorer.meta.get('model_fingerprint', '?')}): the hidden state of its probe token "
+                           f"differs on this backbone at layer {layer}")
+                    if self.pruner is None and not self._given:
+                        raise PrunerMismatchError(f"{msg}: {_TRAIN_HINT}")
+                    warnings.warn(f"{msg}; its scores may mean little here", PrunerFingerprintWarning, stacklevel=2)
+                self._probed = True
         scores = scorer(layer, hidden[0, rows.to(hidden.device)]).float().cpu()  # [p]
         return rows[torch.sort(scores, descending=True, stable=True).indices]
 

@@ -243,8 +243,12 @@ def tokens_per_batch_at(recipe: PlannerRecipe, step: int) -> int:
     return recipe.tokens_per_batch if step < recipe.steps else recipe.finetune_tokens_per_batch
 
 
-def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: str = "") -> Path:
-    """Run the whole recipe; resumes from `run_dir/checkpoint.pt` when its fingerprint matches."""
+def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: str = "",
+                  stop_at: int | None = None) -> Path:
+    """Run the whole recipe; resumes from `run_dir/checkpoint.pt` when its fingerprint matches.
+
+    `stop_at` ends training at that step of the same schedule (the card records it) and exports the model."""
+    last = min(stop_at, recipe.total_steps) if stop_at else recipe.total_steps
     torch.set_num_threads(recipe.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -275,7 +279,7 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
     model.train()
     with _progress() as bar:
         task = bar.add_task("planner BC", total=recipe.total_steps, completed=step)
-        while step < recipe.total_steps:
+        while step < last:
             if step == recipe.steps:
                 batches = []  # phase 2 regroups the data into smaller batches
             if not batches:
@@ -294,7 +298,7 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
             train_seconds += time.time() - t0
             losses.append(round(loss.item(), 5))
             bar.update(task, completed=step, description=f"planner BC loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
-            if step % recipe.checkpoint_every == 0 or step in (recipe.steps, recipe.total_steps):
+            if step % recipe.checkpoint_every == 0 or step in (recipe.steps, last):
                 tmp = ckpt.with_suffix(".tmp")
                 torch.save({"fingerprint": recipe.fingerprint(), "model": model.state_dict(), "opt": opt.state_dict(),
                             "step": step, "losses": losses, "train_seconds": train_seconds, "rng": rng.getstate(),
@@ -317,7 +321,7 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
                  "expert_success": sum(e["success"] for e in episodes) / len(episodes),
                  "seeds": "training seeds 0..n-1 per level; evaluation uses seeds >= 1e9 (disjoint)"},
         "seed": recipe.seed,
-        "training": {"steps": step, "train_seconds": round(train_seconds, 1),
+        "training": {"steps": step, "schedule_steps": recipe.total_steps, "stopped_early": step < recipe.total_steps, "train_seconds": round(train_seconds, 1),
                      "wall_seconds_this_run": round(time.time() - t_start, 1),
                      "threads": recipe.threads, "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:]))},
         "loss_curve_every_50": losses[::50],

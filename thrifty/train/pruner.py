@@ -330,6 +330,8 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
     card_path = weights_path.with_name("card.json") if out.suffix != ".safetensors" else out.with_suffix(".card.json")
     scorer.meta.update({"layers": list(layers), "keep_ratio_trained": recipe.keep_ratio,
                         "data": sal_meta.get("data"), "saliency_file": str(saliency_path), "recipe": asdict(recipe)})
+    probe_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else samples[0].ids[0]
+    scorer.record_probe(backbone, probe_token)
     scorer.save(weights_path)
     card = {
         "name": "thrifty token pruner (E-RECAP stage 2)",
