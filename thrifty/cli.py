@@ -119,6 +119,37 @@ def play(
                   f"{r['tokens_context_max']} context tokens at the end")
 
 
+@app.command("profile-reuse")
+def profile_reuse_cmd(
+    model: Optional[Path] = typer.Option(None, help="planner model directory (default: the shipped planner)"),
+    out: Path = typer.Option(Path("results/reuse_profile"), help="output folder (profile.json, profile.png)"),
+    level: str = typer.Option("GoToObjMazeS4", help="level whose expert trajectory is replayed"),
+    seed: int = typer.Option(0, min=0, help="evaluation seed index"),
+    steps: int = typer.Option(64, min=1, help="decisions played (the context grows every step)"),
+    report_steps: str = typer.Option("16,32,64", help="steps at which decisions are timed"),
+    warmup: int = typer.Option(1, min=0),
+    repeats: int = typer.Option(3, min=1),
+    threads: int = typer.Option(1, min=1),
+    pruning: str = typer.Option("random_pruning", help="pruning arm: random_pruning | token_pruning | none"),
+    keep_ratio: float = typer.Option(0.7, help="keep ratio of the pruning arms"),
+) -> None:
+    """Decision latency and FLOPs against context length: full recompute vs prefix reuse (vs reuse + pruning)."""
+    from thrifty.bench import SHIPPED_PLANNER
+    from thrifty.bench.reuse_profile import default_arms, profile_reuse
+    from thrifty.envs import UnknownLevelError, level_id
+
+    try:
+        level_id(level)
+        steps_at = tuple(int(x) for x in report_steps.split(","))
+        result = profile_reuse(model or SHIPPED_PLANNER, out, level=level, seed_index=seed, steps=steps,
+                               report_steps=steps_at, warmup=warmup, repeats=repeats, threads=threads,
+                               arms=default_arms(None if pruning == "none" else pruning, keep_ratio))
+    except (UnknownLevelError, ValueError) as e:
+        _fail(str(e))
+    console.print_json(data={k: v for k, v in result.items() if k != "series"} if isinstance(result, dict) else result)
+    console.print(f"written to {out}")
+
+
 @train_app.command("planner")
 def train_planner_cmd(
     out: Path = typer.Option(None, help="model directory to write (default: the shipped asset's place)"),

@@ -17,6 +17,7 @@ import torch
 from thrifty.agents.transcript import ACT_PROMPT, action_segment, mission_segment, observation_segment
 from thrifty.backbones import HFDecoder
 from thrifty.cost import CostRecord, PeakRSS, Stopwatch, forward_flops, kv_bytes
+from thrifty.cost.bandwidth import episode_bandwidth
 from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv
 from thrifty.runtime import Session
 from thrifty.techniques import DecisionContext, Full, Technique
@@ -184,9 +185,11 @@ def run_episode(planner: TextPlanner, level: str, seed: int, config: EpisodeConf
         "technique_reports": reports if any(reports) else [],
         "prefix_tokens_reused_total": sum(r.prefix_tokens_reused for r in records),
         "tokens_in_total": sum(r.tokens_in for r in records),
+        **episode_bandwidth(records, planner.backbone.shape, reward),
         "per_decision": {  # compact per-decision series for plots
             "tokens_context": [r.tokens_context for r in records],
             "tokens_in": [r.tokens_in for r in records],
+            "prefix_tokens_reused": [r.prefix_tokens_reused for r in records],
             "tokens_per_layer": [r.tokens_per_layer for r in records],
             "flops": [r.flops for r in records],
             "wall_s": [round(r.wall_s, 6) for r in records],

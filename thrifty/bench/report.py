@@ -36,6 +36,7 @@ ROW_FIELDS = (
     "latency_median_s",
     "peak_rss_mb",
     "kv_mb",
+    "prefix_hit_rate",
 )
 
 _MB = float(2**20)
@@ -94,6 +95,8 @@ def _row(config: Any, level: Any, eps: list[Mapping[str, Any]]) -> dict[str, Any
             pooled = True
     flops_per_decision = flops_sum / dec_sum if pooled and dec_sum > 0 else None
 
+    prompt, cached = vals("prompt_tokens_total"), vals("cached_tokens_total")
+    hit_rate = sum(cached) / sum(prompt) if prompt and sum(prompt) > 0 else None  # token-weighted
     wall = vals("wall_median_s")
     rss = vals("peak_rss_bytes")
     kv = vals("kv_bytes_max")
@@ -111,6 +114,7 @@ def _row(config: Any, level: Any, eps: list[Mapping[str, Any]]) -> dict[str, Any
         "latency_median_s": statistics.median(wall) if wall else None,
         "peak_rss_mb": max(rss) / _MB if rss else None,
         "kv_mb": _mean(kv) / _MB if kv else None,
+        "prefix_hit_rate": hit_rate,
     }
 
 
@@ -187,6 +191,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: s
         "latency p50",
         "peak RSS",
         "KV cache",
+        "prefix hits",
     ):
         table.add_column(name, justify="right", no_wrap=True)
     for r in rows:
@@ -204,6 +209,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: s
             "–" if lat is None else f"{lat * 1e3:.1f} ms",
             "–" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f} MB",
             "–" if r.get("kv_mb") is None else f"{r['kv_mb']:.2f} MB",
+            "–" if r.get("prefix_hit_rate") is None else f"{r['prefix_hit_rate']:.1%}",
         ]
         table.add_row(*cells)
     console.print(table)

@@ -6,6 +6,7 @@ add their configurations here; `demo` is what `make demo` runs.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -49,11 +50,25 @@ class Suite:
                 for c in self.configs for lv in (levels or self.levels) for i in range(n)]
 
 
+def _reuse_with(pruning: str, keep_ratio: float) -> BenchConfig:
+    """Prefix reuse composed with a pruning technique (pruned history leaves the deep-layer caches once)."""
+    return BenchConfig(f"reuse+{pruning}", "composed", {"techniques": ["prefix_reuse", pruning],
+                                                        "part_settings": {pruning: {"keep_ratio": keep_ratio}}})
+
+
+REUSE = BenchConfig("prefix_reuse", "prefix_reuse")
+
 SUITES: dict[str, Suite] = {
-    "demo": Suite("demo", "the shipped planner on BabyAI-Text, full model, a few minutes on 2 cores",
-                  (BenchConfig("full"),), episodes=10),
+    "demo": Suite("demo", "the shipped planner on BabyAI-Text: full model, prefix reuse, reuse + pruning",
+                  (BenchConfig("full"), REUSE, _reuse_with("random_pruning", 0.7)), episodes=5),
     "planner": Suite("planner", "the shipped planner's success per level (README and card figures)",
                      (BenchConfig("full"),), episodes=100),
+    "reuse": Suite("reuse", "prefix reuse: kept session, reuse + pruning, and the cross-episode store's byte budget",
+                   (BenchConfig("full"), REUSE, _reuse_with("random_pruning", 0.7),
+                    BenchConfig("random_pruning", "random_pruning", {"keep_ratio": 0.7}),
+                    *(BenchConfig(f"store-only-{b // 2**10}KiB", "prefix_reuse",
+                                  {"keep_session": False, "store_bytes": b}) for b in (2**18, 2**20, 2**22, 2**26))),
+                   episodes=10),
     "replan": Suite("replan", "replanning at every step vs only when the observation changed",
                     (BenchConfig("full"), BenchConfig("full-on-change", replan="on_change")), episodes=20),
 }
@@ -86,7 +101,7 @@ def _planner_for(model_dir: str, config: dict):
     from thrifty.agents.planner import TextPlanner
     from thrifty.techniques import build
 
-    key = (model_dir, config["technique"], tuple(sorted(config["settings"].items())))
+    key = (model_dir, config["technique"], json.dumps(config["settings"], sort_keys=True))
     if key not in _PLANNERS:
         technique = build(config["technique"], **config["settings"])
         _PLANNERS[key] = TextPlanner.load(model_dir, technique=technique)
