@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_planner_dir(tmp_path_factory):
     """A planner directory like the shipped one, but tiny and untrained: a BPE tokenizer trained on a few expert
-    transcripts and a random 2-layer Llama. Its outputs are mostly not actions, which exercises the parser."""
+    transcripts and a random 3-layer Llama. Its outputs are mostly not actions, which exercises the parser."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from thrifty.agents.transcript import Transcript
@@ -21,7 +21,7 @@ def tiny_planner_dir(tmp_path_factory):
     episodes = [collect_episode(level, seed, 0.1, rng) for level in ("GoToLocal", "PickupLoc") for seed in range(15)]
     texts = [Transcript(e["mission"], e["observations"], e["taken"]).text() for e in episodes]
     tok = train_tokenizer(texts, 320)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)

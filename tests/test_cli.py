@@ -43,12 +43,13 @@ def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_d
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert lines[0]["kind"] == "header" and lines[0]["suite"] == "demo"
-    assert len(lines) == 2 and lines[1]["level"] == "GoToLocal"
+    configs = [c.name for c in get_suite("demo").configs]
+    assert [x["config"] for x in lines[1:]] == configs and all(x["level"] == "GoToLocal" for x in lines[1:])
     assert out.with_suffix(".png").stat().st_size > 0
     assert "success" in r.output
     # resuming runs nothing new
     r2 = runner.invoke(app, args)
-    assert r2.exit_code == 0 and len(out.read_text().splitlines()) == 2
+    assert r2.exit_code == 0 and len(out.read_text().splitlines()) == 1 + len(configs)
 
 
 def test_suites_and_techniques_are_listed():
