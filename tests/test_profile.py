@@ -50,3 +50,10 @@ def test_bad_profile_inputs():
         run_profile("tiny-4x64", lengths=[10**6], keeps=[0.5], repeats=1, warmup=0)
     with pytest.raises(ValueError, match="multiple of 64"):
         profile_backbone("tiny-4x100")
+
+
+def test_memory_probe_subprocess():
+    from thrifty.bench.profile import _peak_in_child
+
+    peak, start = _peak_in_child("tiny-4x64", list(range(20)), None, "compound", None, None, 0, 1)
+    assert peak >= start > 0

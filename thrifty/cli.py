@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="thrifty: cheap calls for embodied planners, measured in closed loop.")
 train_app = typer.Typer(no_args_is_help=True, help="Rebuild the shipped assets with their recipes.")
 app.add_typer(train_app, name="train")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # logs and CI get the whole table
 
 
 def _fail(message: str) -> None:

@@ -103,11 +103,17 @@ def _fresh_peak(model: str, ids: list[int], keep: float | None, schedule: str, l
 
 
 def _peak_in_child(*args) -> tuple[int, int]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    """`_fresh_peak(*args)` in a new interpreter (a subprocess, not multiprocessing: no __main__ re-import)."""
+    import subprocess
+    import sys
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-        return ex.submit(_fresh_peak, *args).result()
+    code = ("import json, sys; from thrifty.bench.profile import _fresh_peak; "
+            "print(json.dumps(_fresh_peak(*json.loads(sys.stdin.read()))))")
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(list(args)), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the memory probe's subprocess failed:\n{out.stderr[-2000:]}")
+    peak, start = json.loads(out.stdout.strip().splitlines()[-1])
+    return int(peak), int(start)
 
 
 def run_profile(model: str, mode: str = "prefill", lengths=(1024, 2048, 4096), keeps=(0.9, 0.8, 0.7),

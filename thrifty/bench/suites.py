@@ -61,8 +61,9 @@ REUSE = BenchConfig("prefix_reuse", "prefix_reuse")
 SUITES: dict[str, Suite] = {
     "demo": Suite("demo", "the shipped planner on BabyAI-Text: full model, prefix reuse, reuse + pruning",
                   (BenchConfig("full"), REUSE, _reuse_with("random_pruning", 0.7)), episodes=5),
-    "planner": Suite("planner", "the shipped planner's success per level (README and card figures)",
-                     (BenchConfig("full"),), episodes=100),
+    # measured through prefix reuse: exact (same logits as full recompute, tests/test_prefix_reuse.py), 15x faster
+    "planner": Suite("planner", "the shipped planner's success per level (README and card figures), measured "
+                     "through exact prefix reuse", (REUSE,), episodes=30),
     "reuse": Suite("reuse", "prefix reuse: kept session, reuse + pruning, and the cross-episode store's byte budget",
                    (BenchConfig("full"), REUSE, _reuse_with("random_pruning", 0.7),
                     BenchConfig("random_pruning", "random_pruning", {"keep_ratio": 0.7}),

@@ -55,7 +55,7 @@ class Sample:
 
 @dataclass
 class SaliencyRecipe:
-    samples: int = 1200
+    samples: int = 1500
     """decision samples (episodes cut at random steps, or instruction records)"""
     layers: tuple[int, ...] | None = None
     """prune layers; None: derived from the model depth (thrifty.techniques.pruning_common)"""
@@ -370,7 +370,7 @@ def _cumsum(xs: list[int]):
 # the whole recipe --------------------------------------------------------------------------------------------------
 
 def train_saliency(model_dir: str | Path, out: str | Path, data: str | Path | None = None,
-                   layers: tuple[int, ...] | list[int] | None = None, samples: int = 1200, seed: int = 0,
+                   layers: tuple[int, ...] | list[int] | None = None, samples: int = 1500, seed: int = 0,
                    max_tokens: int = 2048, threads: int = 1, command: str = "") -> Path:
     """Stage 1: write the saliency file `out` for the model in `model_dir` (see the module docstring)."""
     from transformers import AutoTokenizer
