@@ -60,7 +60,8 @@ REUSE = BenchConfig("prefix_reuse", "prefix_reuse")
 
 SUITES: dict[str, Suite] = {
     "demo": Suite("demo", "the shipped planner on BabyAI-Text: full model, prefix reuse, reuse + pruning",
-                  (BenchConfig("full"), REUSE, _reuse_with("random_pruning", 0.7)), episodes=5),
+                  (BenchConfig("full"), REUSE, _reuse_with("random_pruning", 0.7)), episodes=3,
+                  max_steps=64),  # 64 > every expert episode seen (max 51): a cap on a wandering planner only
     # measured through prefix reuse: exact (same logits as full recompute, tests/test_prefix_reuse.py), 15x faster
     "planner": Suite("planner", "the shipped planner's success per level (README and card figures), measured "
                      "through exact prefix reuse", (REUSE,), episodes=30),
