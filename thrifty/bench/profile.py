@@ -250,7 +250,9 @@ def plot_profile(profile: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("full / pruned")
     ax.set_title(f"{profile['model']} {profile['mode']} ({profile['threads']} thread"
                  f"{'s' if profile['threads'] != 1 else ''}, {profile['schedule']} schedule)")
-    ax.legend(fontsize=7)
+    top = max(max(r["speedup"], r["flops_ratio"]) for r in profile["results"])
+    ax.set_ylim(0.9, top * 1.3)  # room for the legend above the curves
+    ax.legend(fontsize=7, loc="upper left", ncol=min(3, len(keeps)))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -50,8 +50,10 @@ BASELINES = ("random_pruning", "recency_pruning", "sink_window")
 
 @dataclass
 class PrunerRecipe:
-    keep_ratio: float = 0.7
+    keep_ratio: float = 0.6
     """the compounding per-layer keep ratio the budget term aims at (inference may use any other)"""
+    keep_jitter: float = 0.3
+    """each batch trains at a keep ratio drawn uniformly from keep_ratio +- keep_jitter (one pruner for a sweep)"""
     steps: int = 300
     """optimisation steps"""
     lr: float = 2e-3
@@ -210,7 +212,7 @@ def _scorer_flops(technique: Technique, tokens_per_layer: list[int]) -> int:
 
 # the whole recipe --------------------------------------------------------------------------------------------------
 
-def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Path, keep_ratio: float = 0.7,
+def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Path, keep_ratio: float = 0.6,
                  steps: int = 300, seed: int = 0, threads: int = 1, command: str = "",
                  recipe: PrunerRecipe | None = None) -> Path:
     """Stage 2: train the scorers for the model in `model_dir` on the Stage 1 file; write `out` (a directory:
@@ -275,7 +277,10 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
                 pt = full.log_softmax(-1)
             else:
                 pt = torch.cat([teacher_cache[i] for i in idx])
-            h, scores, cum = masked_student(backbone, scorer, ids, valid, prunable, recipe.keep_ratio,
+            keep = recipe.keep_ratio
+            if recipe.keep_jitter:
+                keep = min(1.0, max(0.05, keep + rng.uniform(-recipe.keep_jitter, recipe.keep_jitter)))
+            h, scores, cum = masked_student(backbone, scorer, ids, valid, prunable, keep,
                                             recipe.temperature, recipe.noise, gen)
             student = decision_logits(backbone, h, batch).float()
             weights = torch.tensor([1.0 / len(s.decisions) for s in batch for _ in s.decisions])
@@ -283,8 +288,8 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
             rank = torch.zeros(())
             budget = torch.zeros(())
             n_pr = prunable.sum(-1)
-            targets = torch.tensor([keep_counts(int(p), 0, layers, backbone.n_layers, "compound",
-                                                recipe.keep_ratio)[0] for p in n_pr.tolist()], dtype=torch.float32)
+            targets = torch.tensor([keep_counts(int(p), 0, layers, backbone.n_layers, "compound", keep)[0]
+                                    for p in n_pr.tolist()], dtype=torch.float32)
             has = n_pr > 0
             for j, l in enumerate(layers):
                 for r, i in enumerate(idx):
