@@ -22,7 +22,7 @@ prefix is stable from one call to the next. One episode renders as:
     ...
 
 Rooms are numbered row by row from the north-west (3x3: 0 1 2 / 3 4 5 / 6 7 8). A robot's call ends with its
-role line and the prompt `rN do:`; span "own_observation" is its latest `obs` line.
+role line and the prompt `rN do:`; span "own_observation" is its latest `obs` line (or the `known` line, see below).
 
 Size limit (`max_records`): when a round starts with more visible records than that, a `known` record that
 summarises the team state (objects and their rooms, reached targets, explored rooms, each robot's room and
@@ -357,7 +357,8 @@ class SharedContextTokens:
     call's tokens are a prefix of every later call's within an epoch. Mirrors `PlannerContext`.
 
     spans (token positions, end exclusive): "task" (task + rule lines), "role" (the caller's role line),
-    "own_observation" (the caller's latest obs line), "stable_prefix" (everything before the role line), and the
+    "own_observation" (the caller's latest obs line; right after a compaction, until its next report, the `known`
+    line that now holds its room), "stable_prefix" (everything before the role line), and the
     single-agent names "mission" (= task) and "observation" (role line + prompt) so existing techniques apply.
     """
 
@@ -399,7 +400,7 @@ class SharedContextTokens:
         prompt = self.tokenizer.encode(f"r{agent} {DO_PROMPT}", add_special_tokens=False)
         end = role[1] + len(prompt)
         spans = dict(self.spans, role=role, stable_prefix=(0, role[0]), observation=(role[0], end))
-        own = [i for i, r in enumerate(visible) if r.kind == "obs" and r.agent == agent]
+        own = [i for i, r in enumerate(visible) if (r.kind == "obs" and r.agent == agent) or r.kind == "known"]
         if own:
             spans["own_observation"] = self._record_spans[own[-1]]
         return self.ids + prompt, spans

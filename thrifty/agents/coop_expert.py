@@ -2,9 +2,10 @@
 
 Robot a, on its turn (teammates earlier in the round have already decided, and their decisions are in the text):
 1. it holds an open target (its latest `do: goto X`, X not yet reached)  -> keep going: `goto X`;
-2. else, some target is reported (an `obs` line names it), not reached and held by no teammate
-   -> `goto` the nearest such target, by room distance from its own room (ties: mission order), announcing
-   `claim: X` (and `drop: room N` if it was exploring room N, which frees that room for the others);
+2. else, the *free* targets (reported in an `obs` line, not reached, held by no teammate) are matched to the
+   *free* robots (those not holding an open target: idle or exploring) in mission order, each target to the
+   nearest remaining free robot by room distance (ties: lowest robot id); if a target falls to robot a
+   -> `goto` it, announcing `claim: X` (and `drop: room N` if it was exploring room N, which frees that room);
 3. else it holds an open room (its latest `do: explore N`, room N not yet explored) -> keep going: `explore N`;
 4. else some room is neither explored nor held by a teammate -> `explore` the nearest one (ties: lowest id),
    announcing `claim: room N`;
@@ -29,13 +30,18 @@ def expert_decision(state: TeamState, agent: int) -> Decision:
     mine = state.open_holding(agent)
     if isinstance(mine, str):
         return Decision(Subgoal("goto", mine))
+    free_robots = [a for a in range(state.n_robots) if not isinstance(state.open_holding(a), str)]
+    for target in state.targets:
+        if target not in state.objects or target in state.reached or state.holder(target, besides=agent) is not None:
+            continue
+        room = state.objects[target]
+        nearest = min(free_robots, key=lambda a: (state.room_distance(state.rooms.get(a, 0), room), a))
+        if nearest == agent:
+            return Decision(Subgoal("goto", target), claim=target, drop=mine)
+        free_robots.remove(nearest)
+        if not free_robots:
+            break
     here = state.rooms.get(agent, 0)
-    free_targets = [t for t in state.targets
-                    if t in state.objects and t not in state.reached and state.holder(t, besides=agent) is None]
-    if free_targets:
-        order = {t: i for i, t in enumerate(state.targets)}
-        target = min(free_targets, key=lambda t: (state.room_distance(here, state.objects[t]), order[t]))
-        return Decision(Subgoal("goto", target), claim=target, drop=mine)
     if isinstance(mine, int):
         return Decision(Subgoal("explore", mine))
     free_rooms = [r for r in range(state.n_rooms)
