@@ -30,3 +30,19 @@ def tiny_planner_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pruner_path(tiny_planner_dir, tmp_path_factory):
+    """An untrained pruner checkpoint of the right shape for `tiny_planner_dir` (plumbing tests: which tokens it
+    keeps does not matter there, only that token_pruning configurations can run on the tiny planner)."""
+    from thrifty.backbones import HFDecoder
+    from thrifty.techniques.pruning_common import default_prune_layers
+    from thrifty.techniques.token_pruning import TokenScorer, model_fingerprint
+
+    backbone = HFDecoder.load(tiny_planner_dir)
+    torch.manual_seed(0)
+    scorer = TokenScorer(backbone.shape.d_model, default_prune_layers(backbone.n_layers),
+                         {"n_layers": backbone.n_layers, "model": str(tiny_planner_dir),
+                          "model_fingerprint": model_fingerprint(backbone)})
+    return scorer.save(tmp_path_factory.mktemp("tiny_pruner") / "model.safetensors")

@@ -26,19 +26,27 @@ def test_missing_model_directory(tmp_path):
     assert r.exit_code == 2 and "no model directory" in r.output
 
 
-def test_results_file_from_another_suite_is_refused_and_kept(tmp_path, tiny_planner_dir):
+def test_results_file_from_another_suite_is_refused_and_kept(tmp_path, tiny_planner_dir, tiny_pruner_path):
     out = tmp_path / "r.jsonl"
     ResultsFile(out, "replan", meta={})
     before = out.read_bytes()
-    r = runner.invoke(app, ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir)])
+    r = runner.invoke(app, ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir),
+                            "--pruner", str(tiny_pruner_path)])
     assert r.exit_code == 2 and "replan" in r.output and "demo" in r.output
     assert out.read_bytes() == before
 
 
-def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_dir):
+def test_token_pruning_suite_on_another_model_needs_its_pruner(tmp_path, tiny_planner_dir):
+    out = tmp_path / "demo.jsonl"
+    r = runner.invoke(app, ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir)])
+    assert r.exit_code == 2 and "--pruner" in r.output and "trained for" in r.output
+    assert not out.exists()  # refused before any episode ran
+
+
+def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_dir, tiny_pruner_path):
     out = tmp_path / "demo.jsonl"
     args = ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir), "--episodes", "1",
-            "--level", "GoToLocal", "--threads", "1", "--max-steps", "10"]
+            "--level", "GoToLocal", "--threads", "1", "--max-steps", "10", "--pruner", str(tiny_pruner_path)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in out.read_text().splitlines()]
@@ -73,6 +81,30 @@ def test_ray_gives_the_same_episodes_as_in_process(tmp_path, tiny_planner_dir):
 
 def test_demo_suite_is_defined():
     assert get_suite("demo").configs[0].name == "full"
+
+
+def test_demo_and_pruning_suites_hold_token_pruning_and_its_matched_baselines():
+    for name in ("demo", "pruning"):
+        configs = get_suite(name).configs
+        techniques = {c.technique for c in configs}
+        assert {"full", "token_pruning", "random_pruning", "recency_pruning", "sink_window"} <= techniques
+        # the baselines run at keep ratios token_pruning also runs at, so token counts match
+        tp = {c.settings["keep_ratio"] for c in configs if c.technique == "token_pruning"}
+        assert all(c.settings["keep_ratio"] in tp for c in configs if c.technique in
+                   ("random_pruning", "recency_pruning", "sink_window"))
+    assert {0.9, 0.8, 0.7} <= {c.settings.get("keep_ratio") for c in get_suite("pruning").configs}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["profile", "--model", "tiny-3x64", "--keep", "1.5", "--lengths", "32"], "keep_ratio"),
+    (["profile", "--model", "tiny-3x64", "--keep", "0.7,x"], "--keep must be comma-separated numbers"),
+    (["profile", "--model", "tiny-3x64", "--mode", "decode", "--lengths", "32"], "mode must be one of"),
+    (["train", "pruner", "--saliency", "/nonexistent/s.safetensors"], "run `thrifty train saliency"),
+    (["train", "saliency", "--layers", "1,a"], "--layers must be comma-separated"),
+])
+def test_pruning_commands_refuse_bad_input_clearly(args, message):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and message in r.output, r.output
 
 
 @pytest.mark.skipif(not (SHIPPED_PLANNER / "card.json").exists(), reason="shipped planner not built yet")

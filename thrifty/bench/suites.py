@@ -58,10 +58,27 @@ def _reuse_with(pruning: str, keep_ratio: float) -> BenchConfig:
 
 REUSE = BenchConfig("prefix_reuse", "prefix_reuse")
 
+PRUNING_KEEP = 0.6
+"""The demo's keep setting: E-RECAP's compounding keep ratio at which the shipped planner's prefill does ~61% of the
+full model's FLOPs (held-out contexts, `thrifty pruning-quality`), i.e. saves more than 30%."""
+PRUNING_TECHNIQUES = ("token_pruning", "random_pruning", "recency_pruning", "sink_window")
+"""The learned pruner and its three token-count-matched baselines (same kept count at every layer)."""
+
+
+def _pruned(technique: str, keep_ratio: float) -> BenchConfig:
+    return BenchConfig(f"{technique}@{keep_ratio:g}", technique, {"keep_ratio": keep_ratio})
+
 SUITES: dict[str, Suite] = {
-    "demo": Suite("demo", "the shipped planner on BabyAI-Text: full model, prefix reuse, reuse + pruning",
-                  (BenchConfig("full"), REUSE, _reuse_with("random_pruning", 0.7)), episodes=3,
+    "demo": Suite("demo", "the shipped planner on BabyAI-Text: full model, prefix reuse, learned token pruning and "
+                  "its count-matched baselines, reuse + token pruning",
+                  (BenchConfig("full"), REUSE, *(_pruned(t, PRUNING_KEEP) for t in PRUNING_TECHNIQUES),
+                   _reuse_with("token_pruning", PRUNING_KEEP)), episodes=2,
                   max_steps=64),  # 64 > every expert episode seen (max 51): a cap on a wandering planner only
+    "pruning": Suite("pruning", "E-RECAP token pruning swept over keep ratios, against random, recency and "
+                     "sink+window pruning at the same token counts",
+                     (BenchConfig("full"), *(_pruned("token_pruning", k) for k in (0.9, 0.8, 0.7, 0.6, 0.5)),
+                      *(_pruned(t, k) for t in PRUNING_TECHNIQUES[1:] for k in (0.7, 0.6))), episodes=20,
+                     max_steps=64),
     # measured through prefix reuse: exact (same logits as full recompute, tests/test_prefix_reuse.py), 15x faster
     "planner": Suite("planner", "the shipped planner's success per level (README and card figures), measured "
                      "through exact prefix reuse", (REUSE,), episodes=30),
@@ -84,6 +101,36 @@ def get_suite(name: str) -> Suite:
     if name not in SUITES:
         raise UnknownSuiteError(f"unknown suite {name!r}; available suites: {', '.join(SUITES)}")
     return SUITES[name]
+
+
+def with_pruner(configs: tuple[BenchConfig, ...], pruner: str | None) -> tuple[BenchConfig, ...]:
+    """The configs with `pruner` (a checkpoint path) given to every token_pruning part; unchanged when None."""
+    if not pruner:
+        return configs
+    out = []
+    for c in configs:
+        settings = json.loads(json.dumps(c.settings))
+        if c.technique == "token_pruning":
+            settings["pruner"] = str(pruner)
+        elif c.technique == "composed" and "token_pruning" in settings.get("techniques", []):
+            settings.setdefault("part_settings", {}).setdefault("token_pruning", {})["pruner"] = str(pruner)
+        out.append(BenchConfig(c.name, c.technique, settings, c.replan))
+    return tuple(out)
+
+
+def check_configs(configs: tuple[BenchConfig, ...], model_dir: str | Path) -> None:
+    """Build every config's technique and bind it to the model before any episode runs, so a pruner trained for
+    another model (or bad settings) fails at once with its reason instead of midway through a suite."""
+    from thrifty.backbones import HFDecoder
+    from thrifty.techniques import build
+
+    backbone = None
+    for c in configs:
+        technique = build(c.technique, **c.settings)
+        for part in getattr(technique, "parts", (technique,)):
+            if hasattr(part, "bind"):
+                backbone = backbone or HFDecoder.load(model_dir)
+                part.bind(backbone)
 
 
 def check_levels(levels: list[str] | None) -> tuple[str, ...] | None:

@@ -64,19 +64,37 @@ class PlannerRecipe:
     ~65% per-step agreement with the expert; more optimizer updates per CPU-second is what helps)"""
     finetune_tokens_per_batch: int = 2_500
     finetune_lr: float = 1e-3
+    dagger_rounds: int = 2
+    """phase 3: DAgger rounds (`thrifty.train.dagger`): the planner plays fresh training seeds, the expert labels
+    every state it visits, and training continues on expert + DAgger episodes"""
+    dagger_episodes_per_level: int = 50
+    dagger_max_steps: int = 64
+    """step cap of a DAgger rollout (failures loop; their first 64 steps hold the states worth relabelling)"""
+    dagger_steps: int = 400
+    """optimisation steps after each round"""
+    dagger_tokens_per_batch: int = 2_500
+    dagger_lr: float = 5e-4
+    dagger_repeat: int = 3
+    """DAgger episodes enter the batch pool this many times (they are few next to the expert transcripts)"""
     seed: int = 0
     checkpoint_every: int = 25
     threads: int = 2
 
     @property
     def total_steps(self) -> int:
-        return self.steps + self.finetune_steps
+        return self.steps + self.finetune_steps + self.dagger_rounds * self.dagger_steps
+
+    def dagger_start(self, round_idx: int) -> int:
+        """The step at which DAgger round `round_idx` collects its rollouts."""
+        return self.steps + self.finetune_steps + round_idx * self.dagger_steps
 
     def fingerprint(self) -> str:
-        """Identifies a training run: a checkpoint is resumed only by the same recipe (phase-2 fields may change
-        without losing a phase-1 checkpoint, and `threads` never matters)."""
+        """Identifies a training run: a checkpoint is resumed only by the same recipe (phase-2 and DAgger fields may
+        change without losing an earlier phase's checkpoint, and `threads` never matters)."""
         data = dataclasses.asdict(self)
         for k in ("finetune_steps", "finetune_tokens_per_batch", "finetune_lr", "threads", "checkpoint_every"):
+            data.pop(k)
+        for k in [k for k in data if k.startswith("dagger_")]:
             data.pop(k)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -232,15 +250,46 @@ def _cosine(peak: float, step: int, warmup: int, total: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+def dagger_round_at(recipe: PlannerRecipe, step: int) -> int | None:
+    """The DAgger round that `step` belongs to, or None before phase 3."""
+    if step < recipe.dagger_start(0):
+        return None
+    return min((step - recipe.dagger_start(0)) // recipe.dagger_steps, recipe.dagger_rounds - 1)
+
+
 def lr_at(recipe: PlannerRecipe, step: int) -> float:
-    """Phase 1: warm-up then cosine to 5% of `lr`; phase 2: the same shape again from `finetune_lr`."""
+    """Phase 1: warm-up then cosine to 5% of `lr`; phase 2: the same shape again from `finetune_lr`; phase 3:
+    the same shape from `dagger_lr` after each DAgger round."""
     if step < recipe.steps:
         return _cosine(recipe.lr, step, recipe.warmup_steps, recipe.steps)
-    return _cosine(recipe.finetune_lr, step - recipe.steps, 20, recipe.finetune_steps)
+    r = dagger_round_at(recipe, step)
+    if r is None:
+        return _cosine(recipe.finetune_lr, step - recipe.steps, 20, recipe.finetune_steps)
+    return _cosine(recipe.dagger_lr, step - recipe.dagger_start(r), 20, recipe.dagger_steps)
 
 
 def tokens_per_batch_at(recipe: PlannerRecipe, step: int) -> int:
-    return recipe.tokens_per_batch if step < recipe.steps else recipe.finetune_tokens_per_batch
+    if step < recipe.steps:
+        return recipe.tokens_per_batch
+    return recipe.finetune_tokens_per_batch if dagger_round_at(recipe, step) is None else recipe.dagger_tokens_per_batch
+
+
+def _dagger_round(recipe: PlannerRecipe, model, tokenizer, round_idx: int, run_dir: Path, bar) -> dict:
+    """Collect DAgger round `round_idx` with the current weights (cached per round in `run_dir`)."""
+    from thrifty.train.dagger import agreement, collect_dagger_round
+
+    path = run_dir / f"dagger-{recipe.fingerprint()}-r{round_idx}.jsonl"
+    model.eval()
+    with torch.no_grad():
+        episodes = collect_dagger_round(model, tokenizer, recipe.levels, recipe.dagger_episodes_per_level,
+                                        round_idx, recipe.dagger_max_steps, path, progress=bar)
+    model.train()
+    by_level = {lv: [e for e in episodes if e["level"] == lv] for lv in recipe.levels}
+    return {"round": round_idx, "episodes": episodes, "file": path.name,
+            "planner_success": {lv: round(sum(e["success"] for e in es) / max(1, len(es)), 3)
+                                for lv, es in by_level.items()},
+            "planner_expert_agreement": round(agreement(episodes), 4),
+            "states_labelled": sum(len(e["labels"]) for e in episodes)}
 
 
 def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: str = "",
@@ -276,16 +325,27 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
             rng.setstate(state["rng"])
             torch.set_rng_state(state["torch_rng"])
     batches: list[list[int]] = []
+    pool = encoded  # what batches are drawn from: expert transcripts, then + DAgger episodes
+    dagger: dict[int, dict] = {}
     model.train()
     with _progress() as bar:
         task = bar.add_task("planner BC", total=recipe.total_steps, completed=step)
         while step < last:
             if step == recipe.steps:
                 batches = []  # phase 2 regroups the data into smaller batches
+            r = dagger_round_at(recipe, step)
+            if r is not None and r not in dagger:  # phase 3: (re)load or collect rounds 0..r, then regroup
+                for k in range(r + 1):
+                    if k not in dagger:
+                        dagger[k] = _dagger_round(recipe, model, tokenizer, k, run_dir, bar)
+                extra = [encode_episode(tokenizer, e, recipe.max_train_tokens)
+                         for k in sorted(dagger) for e in dagger[k]["episodes"]]
+                pool = encoded + extra * recipe.dagger_repeat
+                batches = []
             if not batches:
-                batches = make_batches(encoded, tokens_per_batch_at(recipe, step), rng)
+                batches = make_batches(pool, tokens_per_batch_at(recipe, step), rng)
             t0 = time.time()
-            ids, labels, mask = collate(encoded, batches.pop(), tokenizer.pad_token_id)
+            ids, labels, mask = collate(pool, batches.pop(), tokenizer.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = lr_at(recipe, step)
             logits = model(input_ids=ids, attention_mask=mask).logits
@@ -324,6 +384,7 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
         "training": {"steps": step, "schedule_steps": recipe.total_steps, "stopped_early": step < recipe.total_steps, "train_seconds": round(train_seconds, 1),
                      "wall_seconds_this_run": round(time.time() - t_start, 1),
                      "threads": recipe.threads, "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:]))},
+        "dagger": [{k: v for k, v in dagger[r].items() if k != "episodes"} for r in sorted(dagger)],
         "loss_curve_every_50": losses[::50],
         "success": {},
     }

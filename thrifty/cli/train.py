@@ -1,0 +1,90 @@
+"""`thrifty train ...`: rebuild the shipped assets with their recipes (resumable, with progress bars)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from thrifty.cli._app import console, fail, train_app
+
+
+@train_app.command("planner")
+def train_planner_cmd(
+    out: Path = typer.Option(None, help="model directory to write (default: the shipped asset's place)"),
+    run_dir: Path = typer.Option(Path("runs/planner"), help="transcripts and resumable checkpoints"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps (default: the recipe's)"),
+    threads: int = typer.Option(2, min=1, help="torch threads"),
+    stop_at: Optional[int] = typer.Option(None, min=1, help="stop at this step of the schedule and export"),
+) -> None:
+    """Rebuild the BabyAI-Text planner (behaviour cloning on expert transcripts); resumes from RUN_DIR."""
+    from thrifty.bench import SHIPPED_PLANNER
+    from thrifty.train.planner import PlannerRecipe, train_planner
+
+    recipe = PlannerRecipe(threads=threads)
+    if steps:
+        recipe.steps = steps
+    path = train_planner(recipe, out or SHIPPED_PLANNER, run_dir, command="thrifty " + " ".join(sys.argv[1:]),
+                         stop_at=stop_at)
+    console.print(f"planner written to {path}; measure it with `thrifty bench planner --model {path}`")
+
+
+def _layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        fail(f"--layers must be comma-separated layer indices like 1,2,3, got {text!r}")
+
+
+@train_app.command("saliency")
+def train_saliency_cmd(
+    model: Optional[Path] = typer.Option(None, help="model directory (default: the shipped planner)"),
+    data: Optional[Path] = typer.Option(None, help="Dolly-15k style JSONL (instruction, context, response); "
+                                                   "default: the planner's own expert transcripts"),
+    out: Path = typer.Option(Path("runs/pruner/saliency.safetensors"), help="saliency file to write"),
+    layers: Optional[str] = typer.Option(None, help="prune layers, e.g. 1,2,3 (default: derived from depth)"),
+    samples: int = typer.Option(1500, min=1, help="decision samples"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1, min=1, help="torch threads"),
+) -> None:
+    """E-RECAP Stage 1: per-token saliency (gradient x hidden state) at the prune layers."""
+    from thrifty.backbones import ModelLoadError
+    from thrifty.bench import SHIPPED_PLANNER
+    from thrifty.train.saliency import train_saliency
+
+    try:
+        path = train_saliency(model or SHIPPED_PLANNER, out, data=data, layers=_layers(layers), samples=samples,
+                              seed=seed, threads=threads, command="thrifty " + " ".join(sys.argv[1:]))
+    except (ModelLoadError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(f"saliency written to {path}; next: `thrifty train pruner --saliency {path}`")
+
+
+@train_app.command("pruner")
+def train_pruner_cmd(
+    model: Optional[Path] = typer.Option(None, help="model directory (default: the shipped planner)"),
+    saliency: Path = typer.Option(Path("runs/pruner/saliency.safetensors"), help="Stage 1 file"),
+    out: Optional[Path] = typer.Option(None, help="pruner directory to write (default: the shipped asset's place)"),
+    keep_ratio: float = typer.Option(0.6, help="compounding per-layer keep ratio the budget term aims at"),
+    steps: int = typer.Option(300, min=1, help="optimisation steps"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1, min=1, help="torch threads"),
+) -> None:
+    """E-RECAP Stage 2: one scorer per prune layer, trained against the frozen model (KL + ranking + budget)."""
+    from thrifty.backbones import ModelLoadError
+    from thrifty.bench import SHIPPED_PLANNER
+    from thrifty.techniques.token_pruning import SHIPPED_PRUNER
+    from thrifty.train.pruner import train_pruner
+
+    if not saliency.exists():
+        fail(f"no saliency file at {saliency}: run `thrifty train saliency --out {saliency}` first (Stage 1)")
+    try:
+        path = train_pruner(model or SHIPPED_PLANNER, saliency, out or SHIPPED_PRUNER.parent, keep_ratio=keep_ratio,
+                            steps=steps, seed=seed, threads=threads, command="thrifty " + " ".join(sys.argv[1:]))
+    except (ModelLoadError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(f"pruner written to {path}")
