@@ -5,7 +5,7 @@ so the text (and the tokens, encoded line by line) of everything already rendere
 prefix is stable from one call to the next. One episode renders as:
 
     task: find the red ball and the blue key | robots 4 | rooms 3x3     <- span "task" (task + rule), never pruned
-    rule: one robot per target and per room; known targets first, then the nearest free room
+    rule: one robot per target and per room; each known target to the nearest free robot, the rest explore
     round 0
     r0 obs: room 4; red ball 4                 <- what robot 0 saw (objects with their rooms), where it is
     r1 obs: room 0
@@ -53,7 +53,7 @@ from thrifty.envs.coop_grid import all_object_names, parse_mission
 KINDS = ("task", "rule", "round", "known", "plan", "obs", "role", "do", "conflict", "env")
 TEAM_KINDS = ("task", "rule", "round", "known", "plan")
 """Kinds without an agent (events may have one or not)."""
-RULE = "one robot per target and per room; known targets first, then the nearest free room"
+RULE = "one robot per target and per room; each known target to the nearest free robot, the rest explore"
 DO_PROMPT = "do:"
 
 _NAME = "(?:" + "|".join(all_object_names()) + ")"
