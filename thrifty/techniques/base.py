@@ -42,6 +42,8 @@ class Technique:
     """Base class. Subclasses override the hooks they need and validate their fields in __post_init__."""
 
     name: ClassVar[str] = "full"
+    noop_settings: ClassVar[dict[str, Any]] = {}
+    """Settings at which the technique reproduces the full model exactly (the shared test matrix checks it)."""
 
     def open_session(self, backbone, ctx: DecisionContext):
         """The session this decision extends, and the position from which `ctx.token_ids` must be appended.

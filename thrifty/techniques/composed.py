@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -99,6 +99,10 @@ class _Pending:
 @dataclass
 class Composed(Technique):
     """Several techniques in one decision: one session provider, layer hooks chained, conflicts refused."""
+
+    noop_settings: ClassVar[dict[str, Any]] = {  # reuse is exact, so a kept session with keep 1.0 is the full model
+        "techniques": ["prefix_reuse", "token_pruning"],
+        "part_settings": {"prefix_reuse": {"store_bytes": 0}, "token_pruning": {"keep_ratio": 1.0}}}
 
     techniques: list = field(default_factory=lambda: ["full"])
     """the parts, in order: registered names (or Technique instances); the default, ["full"], is the no-op"""

@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from thrifty.runtime import Session
 from thrifty.runtime.prefix_store import PrefixStore, shared_store
@@ -51,6 +51,8 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 @dataclass
 class PrefixReuse(Technique):
     """Reuse the keys/values of the context already computed (kept session, then a shared prefix store)."""
+
+    noop_settings: ClassVar[dict[str, Any]] = {"keep_session": False, "store_bytes": 0}
 
     keep_session: bool = True
     """within an episode, keep the session between decisions and prefill only the tokens appended since"""

@@ -31,7 +31,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -140,6 +140,7 @@ def layer_tokens(n_prunable: int, n_protected: int, prune_layers: tuple[int, ...
 
 @dataclass
 class PruningTechnique(Technique):
+    noop_settings: ClassVar[dict[str, Any]] = {"keep_ratio": 1.0}
     """Base of the token-pruning techniques: fields, validation, the prefill hook and the report.
 
     Subclasses say which prunable rows they prefer (`preference`), or override `select` to keep a different set
