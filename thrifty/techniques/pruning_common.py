@@ -38,7 +38,7 @@ import torch
 from thrifty.techniques.base import DecisionContext, LayerHook, Technique
 
 SCHEDULES = ("compound", "work")
-SPAN_NAMES = ("mission", "observation", "stable_prefix")
+SPAN_NAMES = ("mission", "observation", "stable_prefix", "task", "role", "own_observation")
 
 
 class PruningNoOpWarning(UserWarning):

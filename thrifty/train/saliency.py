@@ -93,8 +93,11 @@ def data_kind(path: Path) -> str:
         return "planner"
     if {"instruction", "response"} <= set(rec):
         return "dolly"
+    if {"n_robots", "seed", "calls"} <= set(rec):
+        return "coop"
     raise ValueError(f"{path}: records have keys {sorted(rec)}; expected planner transcripts (mission, observations, "
-                     f"taken, labels) or Dolly-15k records (instruction, context, response)")
+                     f"taken, labels), Dolly-15k records (instruction, context, response) or coop transcripts "
+                     f"(n_robots, seed, calls: thrifty.agents.coop.collect_expert_transcripts)")
 
 
 def planner_sample(tokenizer, episode: dict, step: int) -> Sample:
@@ -169,6 +172,12 @@ def load_samples(tokenizer, data: str | Path | None, n: int, seed: int, max_toke
                 if len(s.ids) <= max_tokens:
                     out.append(s)
             desc["samples"] = len(out)
+            return out, desc
+        if kind == "coop":  # calls replayed through SharedContextTokens, see thrifty.train.coop_planner
+            from thrifty.train.coop_planner import coop_saliency_samples
+
+            out = coop_saliency_samples(tokenizer, records, n, rng, max_tokens)
+            desc.update(samples=len(out), per_team_size={k: sum(s.level == f"K{k}" for s in out) for k in (2, 4, 8)})
             return out, desc
         episodes = records
     by_level: dict[str, list[dict]] = {}

@@ -1,0 +1,163 @@
+"""The coop planner: training encoding equals inference encoding, the decide_fn adapter, protected spans under
+token pruning, and `bench-coop` end to end (tiny random models; behaviour, never timings)."""
+
+import random
+
+import pytest
+import torch
+
+from thrifty.agents.coop import CoopConfig, run_coop_episode
+from thrifty.agents.coop_context import SharedContextTokens
+from thrifty.agents.coop_planner import COOP_PROTECT, CoopPlanner, run_coop_planner_episode
+from thrifty.techniques import build
+
+SHORT = CoopConfig(max_rounds=3)
+
+
+@pytest.fixture(scope="module")
+def coop_model_dir(tmp_path_factory):
+    """A tokenizer trained on a few coop expert episodes and a random 3-layer Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from thrifty.agents.coop import collect_expert_transcript
+    from thrifty.train.planner import train_tokenizer
+
+    rng = random.Random(0)
+    texts = [t for k in (2, 4) for s in range(4) for t in collect_expert_transcript(k, s, noise=0.1, rng=rng)["epochs"]]
+    tok = train_tokenizer(texts, 400)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_coop_planner")
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def coop_pruner_path(coop_model_dir, tmp_path_factory):
+    """A random-initialised `TokenScorer` of the right shape for the tiny coop model (prune layer 1)."""
+    from thrifty.backbones import HFDecoder
+    from thrifty.techniques.token_pruning import TokenScorer, model_fingerprint
+
+    backbone = HFDecoder.load(coop_model_dir)
+    torch.manual_seed(0)
+    scorer = TokenScorer(backbone.shape.d_model, (1,), {"n_layers": backbone.n_layers, "model": str(coop_model_dir),
+                                                         "model_fingerprint": model_fingerprint(backbone)})
+    return scorer.save(tmp_path_factory.mktemp("tiny_coop_pruner") / "model.safetensors")
+
+
+def test_training_encoding_equals_inference_encoding(coop_model_dir):
+    """Every call's token ids (as the adapter builds them) are a prefix of the training sequence, and the labels
+    sit exactly on the decision tokens right after the call's prompt."""
+    from transformers import AutoTokenizer
+
+    from thrifty.train.coop_planner import encode_coop_episode
+
+    tok = AutoTokenizer.from_pretrained(str(coop_model_dir))
+    enc = encode_coop_episode(tok, 3, seed=5, noise=0.2, rng=random.Random(1), config=SHORT)
+    (ids, labels), = enc["sequences"]  # no compaction in 3 rounds: one epoch, one sequence
+
+    # replay the same episode the way inference does (same DART draws), check each call against the sequence
+    from thrifty.agents.coop import random_decision
+    from thrifty.agents.coop_expert import expert_decision
+
+    tokens = SharedContextTokens(tok)
+    taken_rng = random.Random(1)
+    calls, taken = [], []
+
+    def decide_replay(ctx, agent):
+        calls.append(tokens.call(ctx, agent))
+        label = expert_decision(ctx.state(), agent).text()
+        t = random_decision(ctx, taken_rng).text() if taken_rng.random() < 0.2 else label
+        taken.append((t, label))
+        return " " + t
+
+    run_coop_episode(decide_replay, 3, 5, SHORT)
+    assert len(calls) == enc["calls"] > 0
+    seq = ids + [None]  # labels are shifted: labels[i] is the target of position i, i.e. token i + 1
+    labelled_positions = {i + 1 for i, y in enumerate(labels) if y != -100}
+    expected = set()
+    for (call_ids, spans), (t, label) in zip(calls, taken):
+        assert ids[:len(call_ids)] == call_ids  # inference tokens = a prefix of the training sequence
+        assert tok.decode(call_ids[-4:]).endswith("do:")
+        target = tok.encode(f" {t}\n", add_special_tokens=False)
+        assert seq[len(call_ids):len(call_ids) + len(target)] == target or len(call_ids) + len(target) > len(ids)
+        if t == label:
+            expected |= set(range(len(call_ids), len(call_ids) + len(target)))
+    assert labelled_positions == {p for p in expected if p <= len(ids)}
+    assert enc["labelled_calls"] == sum(t == label for t, label in taken)
+
+
+def test_coop_decide_fn_never_crashes_and_counts_malformed(coop_model_dir):
+    planner = CoopPlanner.load(coop_model_dir, build("full"))
+    r = run_coop_planner_episode(planner, 2, seed=1_000_000_000, config=SHORT)
+    assert r["calls"] == r["decisions"] > 0
+    assert 0 <= r["malformed"] <= r["calls"]
+    assert r["malformed"] > 0 and len(r["malformed_errors"]) == min(5, r["malformed"])  # a random model: garbage
+    assert r["flops_per_call"] > 0 and r["tokens_context_mean"] > 0
+
+
+def test_protected_spans_survive_token_pruning(coop_model_dir, coop_pruner_path):
+    """With a random scorer at a low keep ratio, the task, the caller's role and its own observation are all
+    present in every layer after the prune layer."""
+    from thrifty.agents.coop_context import CoopContext
+    from thrifty.runtime import Session
+    from thrifty.techniques import DecisionContext
+
+    planner = CoopPlanner.load(coop_model_dir)
+    tok = planner.tokenizer
+    ctx = CoopContext.start("find the red ball and the blue key", n_robots=3, rows=3, cols=3)
+    ctx.start_round()
+    for a in range(3):
+        ctx.add_observation(a, room=a, objects={"red ball": 4} if a == 1 else None)
+    ctx.add_plan()
+    for a in range(3):
+        ctx.begin_call(a)
+        ctx.add_decision(a, f"explore {a} | claim: room {a}")
+    for a in range(3):
+        ctx.add_observation(a, room=a + 3)
+    ctx.start_round()
+    ctx.begin_call(1)
+    ids, spans = SharedContextTokens(tok).call(ctx, 1)
+    technique = build("token_pruning", keep_ratio=0.2, layers=(1,), protect=COOP_PROTECT, pruner=str(coop_pruner_path),
+                      recent_tokens=1, sink_tokens=0)
+    dctx = DecisionContext(torch.tensor(ids), spans)
+    kept: dict[int, set] = {}
+
+    def hook(layer, hidden, positions):
+        rows = inner(layer, hidden, positions)
+        kept[layer] = set(positions[rows].tolist()) if rows is not None else set(positions.tolist())
+        return rows
+
+    inner = technique.prefill_hook(dctx, planner.backbone.n_layers, 0)
+    Session(planner.backbone).extend(torch.tensor(ids), logits="last", layer_hook=hook)
+    assert len(kept[1]) < len(ids)  # something was pruned
+    for name in COOP_PROTECT:
+        s, e = spans[name]
+        assert e > s and set(range(s, e)) <= kept[1], name
+
+
+def test_bench_coop_writes_and_resumes(coop_model_dir, coop_pruner_path, tmp_path, monkeypatch):
+    import thrifty.bench.coop as bc
+    from thrifty.bench.results import ResultsFile
+    from thrifty.bench.runner import run_jobs
+
+    monkeypatch.setattr(bc, "CoopConfig", lambda: SHORT)
+    configs = bc.coop_configs(0.5, coop_pruner_path, layers=(1,))
+    jobs = bc.coop_jobs(configs, episodes=1, team_sizes=(2,))
+    out = tmp_path / "coop.jsonl"
+    fn = bc.coop_episode_fn(configs, coop_model_dir)
+    records = run_jobs(jobs, fn, ResultsFile(out, bc.SUITE), progress=False)
+    assert len(records) == len(configs) and len(out.read_text().splitlines()) == 1 + len(configs)
+    calls = []
+    records2 = run_jobs(jobs, lambda job: calls.append(job) or {}, ResultsFile(out, bc.SUITE), progress=False)
+    assert calls == [] and [r["config"] for r in records2] == [c.name for c in configs]  # resumed, nothing rerun
+    rows = bc.summarize_coop(records2)
+    assert {r["config"] for r in rows} == {c.name for c in configs}
+    full = next(r for r in rows if r["config"] == "full")
+    pruned = next(r for r in rows if r["config"].startswith("random_pruning"))
+    assert pruned["flops_per_call"] < full["flops_per_call"]
+    flops_png, success_png = bc.coop_plots(rows, tmp_path / "coop")
+    assert flops_png.stat().st_size > 0 and success_png.stat().st_size > 0

@@ -1,0 +1,131 @@
+"""`thrifty train coop-planner`, `thrifty bench-coop`: the cooperative planner and its benchmark."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from thrifty.cli._app import app, console, fail, train_app
+
+
+@train_app.command("coop-planner")
+def train_coop_planner_cmd(
+    out: Optional[Path] = typer.Option(None, help="model directory to write (default: the shipped asset's place)"),
+    run_dir: Path = typer.Option(Path("runs/coop_planner"), help="encoded data and resumable checkpoints"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps (default: the recipe's)"),
+    episodes: Optional[int] = typer.Option(None, min=1, help="expert episodes per team size (default: the recipe's)"),
+    threads: int = typer.Option(1, min=1, help="torch threads"),
+    measure: int = typer.Option(30, min=0, help="evaluation episodes per team size for the card (0: skip)"),
+) -> None:
+    """Rebuild the CoopGrid planner (behaviour cloning on expert episodes, K = 2, 4, 8); resumes from RUN_DIR,
+    then measures closed-loop success per team size against the expert's and writes it into the card."""
+    from thrifty.train.coop_planner import SHIPPED_COOP_PLANNER, CoopPlannerRecipe, train_coop_planner
+
+    recipe = CoopPlannerRecipe(threads=threads)
+    if steps:
+        recipe.steps = steps
+    if episodes:
+        recipe.episodes_per_size = episodes
+    path = train_coop_planner(recipe, out or SHIPPED_COOP_PLANNER, run_dir,
+                              command="thrifty " + " ".join(sys.argv[1:]))
+    console.print(f"coop planner written to {path}")
+    if measure:
+        from thrifty.agents.coop_planner import measure_coop_planner
+
+        success = measure_coop_planner(path, recipe.team_sizes, measure, threads=threads)
+        console.print_json(data=success)
+
+
+@train_app.command("coop-pruner")
+def train_coop_pruner_cmd(
+    model: Optional[Path] = typer.Option(None, help="coop planner directory (default: the shipped one)"),
+    out: Optional[Path] = typer.Option(None, help="pruner directory to write (default: the shipped asset's place)"),
+    run_dir: Path = typer.Option(Path("runs/coop_pruner"), help="transcripts and the Stage 1 file"),
+    samples: int = typer.Option(900, min=1, help="Stage 1 decision samples (coop calls)"),
+    steps: int = typer.Option(300, min=1, help="Stage 2 optimisation steps"),
+    layers: str = typer.Option("1,2", help="prune layers"),
+    threads: int = typer.Option(1, min=1, help="torch threads"),
+) -> None:
+    """E-RECAP Stages 1 and 2 for the coop planner: coop expert transcripts -> saliency -> token scorers."""
+    from thrifty.agents.coop_planner import SHIPPED_COOP_PLANNER, SHIPPED_COOP_PRUNER
+    from thrifty.backbones import ModelLoadError
+    from thrifty.train.coop_planner import write_coop_transcripts
+    from thrifty.train.pruner import train_pruner
+    from thrifty.train.saliency import train_saliency
+
+    command = "thrifty " + " ".join(sys.argv[1:])
+    model = model or SHIPPED_COOP_PLANNER
+    data = run_dir / "coop_transcripts.jsonl"
+    if not data.is_file():
+        write_coop_transcripts(data)
+    try:
+        sal = train_saliency(model, run_dir / "saliency.safetensors", data=data,
+                             layers=tuple(int(x) for x in layers.split(",")), samples=samples, threads=threads,
+                             max_tokens=4096, command=command)
+        path = train_pruner(model, sal, out or SHIPPED_COOP_PRUNER.parent, steps=steps, threads=threads,
+                            command=command)
+    except (ModelLoadError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(f"coop pruner written to {path}")
+
+
+@app.command("bench-coop")
+def bench_coop_cmd(
+    out: Path = typer.Option(Path("results/coop.jsonl"), help="results file (JSON lines, resumable)"),
+    episodes: int = typer.Option(6, min=1, help="episodes per configuration and team size"),
+    sizes: str = typer.Option("2,4,8", help="team sizes K (2..8)"),
+    keep_ratio: float = typer.Option(0.6, help="keep ratio of the pruning configurations (count-matched)"),
+    model: Optional[Path] = typer.Option(None, help="coop planner directory (default: the shipped one)"),
+    pruner: Optional[Path] = typer.Option(None, help="token_pruning checkpoint (default: the shipped coop pruner)"),
+    config: Optional[list[str]] = typer.Option(None, help="run only these configurations (repeatable)"),
+    threads: int = typer.Option(1, min=1, help="torch threads"),
+) -> None:
+    """K robots x {expert, full, prefix reuse, token / random / recency pruning}: one JSON line per episode, then
+    the table (success per K, tokens and FLOPs per call and per round, latency) and two plots."""
+    from thrifty.agents.coop_planner import SHIPPED_COOP_PLANNER
+    from thrifty.backbones import HFDecoder, ModelLoadError
+    from thrifty.bench.coop import (SUITE, coop_configs, coop_episode_fn, coop_jobs, coop_plots, print_coop_table,
+                                    summarize_coop)
+    from thrifty.bench.report import write_summary_json
+    from thrifty.bench.results import ResultsFile, ResultsMismatchError
+    from thrifty.bench.runner import run_jobs
+    from thrifty.techniques.token_pruning import PrunerMismatchError
+
+    try:
+        ks = tuple(int(x) for x in sizes.split(","))
+    except ValueError:
+        fail(f"--sizes must be comma-separated team sizes like 2,4,8, got {sizes!r}")
+    if any(not 2 <= k <= 8 for k in ks):
+        fail(f"team sizes must be in 2..8, got {list(ks)}")
+    model_dir = model or SHIPPED_COOP_PLANNER
+    try:
+        HFDecoder.check_dir(model_dir)
+    except ModelLoadError as e:
+        fail(f"{e} (rebuild the coop planner with `thrifty train coop-planner`)")
+    configs = coop_configs(keep_ratio, pruner)
+    if config:
+        unknown = [c for c in config if c not in {x.name for x in configs}]
+        if unknown:
+            fail(f"unknown configuration(s) {unknown}; available: {', '.join(x.name for x in configs)}")
+        configs = tuple(c for c in configs if c.name in config)
+    try:
+        from thrifty.bench.coop import _planner_for
+        for c in configs:  # a pruner that does not fit the model fails here, before any episode
+            if c.technique == "token_pruning":
+                _planner_for(str(model_dir), c.as_dict())
+        results = ResultsFile(out, SUITE, meta={"model": str(model_dir), "configs": [c.as_dict() for c in configs],
+                                               "threads": threads})
+    except (PrunerMismatchError, FileNotFoundError, ResultsMismatchError, ValueError) as e:
+        fail(str(e))
+    jobs = coop_jobs(configs, episodes, ks)
+    console.print(f"[bold]bench-coop[/]: {len(configs)} configurations x K in {list(ks)} x {episodes} episodes "
+                  f"-> {out}")
+    records = run_jobs(jobs, coop_episode_fn(configs, model_dir, threads), results)
+    rows = summarize_coop(records)
+    print_coop_table(rows, console=console)
+    flops_png, success_png = coop_plots(rows, out.with_suffix(""))
+    summary = write_summary_json(rows, out.with_name(out.stem + "_summary.json"))
+    console.print(f"results: {out}\nplots: {flops_png}, {success_png}\nsummary: {summary}")

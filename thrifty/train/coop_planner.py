@@ -1,0 +1,338 @@
+"""Recipe: the cooperative (CoopGrid) planner, a small Llama trained from scratch by behaviour cloning.
+
+Reads top to bottom:
+1. train a byte-level BPE tokenizer on the text of a few expert episodes per team size;
+2. encode the data *exactly as the agent does at inference*: every expert episode (team sizes mixed, training
+   seeds < 1e9; evaluation uses 1e9 + i) is played again with `run_coop_episode`, and every call is tokenised by
+   `SharedContextTokens` itself, the object the inference adapter (`thrifty.agents.coop_planner`) uses. One
+   training sequence = the token list of one context epoch (it only grows within an epoch, so every call's
+   tokens are a prefix of it); the decision tokens right after each `rN do:` prompt are labelled, but only where
+   the decision taken equals the expert's label. DART noise: in a fraction of the episodes a random valid
+   decision is *taken* at some calls (the sequence shows the resulting state, the label stays the expert's, so
+   those calls are not labelled and the later ones teach recovery);
+3. train the Llama with AdamW and a cosine schedule, checkpointing so an interrupted run resumes (the
+   checkpoint carries the recipe's fingerprint);
+4. save a Hugging Face model directory (safetensors, tokenizer) plus `card.json`.
+
+Closed-loop success per team size is measured afterwards (`measure_coop_planner`, run by
+`thrifty train coop-planner` once training ends) and written into the card next to the expert's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from thrifty.agents.coop import CoopConfig, collect_expert_transcript, random_decision, run_coop_episode
+from thrifty.agents.coop_context import CoopContext, SharedContextTokens
+from thrifty.agents.coop_expert import expert_decision
+from thrifty.envs.babyai_text import EVAL_SEED_BASE
+from thrifty.train.planner import _cosine, _progress, collate, make_batches, train_tokenizer
+
+SHIPPED_COOP_PLANNER = Path(__file__).resolve().parent.parent / "assets" / "coop_planner"
+
+
+@dataclass
+class CoopPlannerRecipe:
+    team_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
+    """robots per episode; the data mixes them equally"""
+    episodes_per_size: int = 700
+    """expert episodes per team size, on training seeds 0..n-1"""
+    tokenizer_episodes: int = 60
+    """episodes per team size whose text trains the tokenizer"""
+    noise: float = 0.1
+    """DART: probability per call that a random valid decision is taken instead of the expert's"""
+    noisy_episode_fraction: float = 0.5
+    """fraction of episodes with noise; the rest are clean expert runs"""
+    vocab_size: int = 512
+    """BPE vocabulary size (the coop text saturates it below 512: byte-level BPE never merges across words)"""
+    hidden_size: int = 160
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 448
+    max_positions: int = 4096
+    """RoPE positions; compaction (`CoopConfig.max_records`) keeps contexts below ~3.5k tokens"""
+    tokens_per_batch: int = 6000
+    """padded tokens per optimisation step"""
+    steps: int = 650
+    lr: float = 2e-3
+    warmup_steps: int = 40
+    weight_decay: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 25
+    threads: int = 1
+
+    def fingerprint(self) -> str:
+        """Identifies a training run (`threads` and `checkpoint_every` never matter)."""
+        data = dataclasses.asdict(self)
+        for k in ("threads", "checkpoint_every"):
+            data.pop(k)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def data_fingerprint(self) -> str:
+        keys = ("team_sizes", "episodes_per_size", "tokenizer_episodes", "noise", "noisy_episode_fraction",
+                "vocab_size", "seed")
+        data = {k: getattr(self, k) for k in keys}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# 1. tokenizer ----------------------------------------------------------------------------------------------------
+
+def coop_tokenizer(recipe: CoopPlannerRecipe, config: CoopConfig):
+    """A BPE tokenizer trained on the text of `tokenizer_episodes` noisy expert episodes per team size."""
+    texts = []
+    for k in recipe.team_sizes:
+        rng = random.Random(recipe.seed * 1000 + k)
+        for s in range(recipe.tokenizer_episodes):
+            texts += collect_expert_transcript(k, s, config, recipe.noise, rng)["epochs"]
+    return train_tokenizer(texts, recipe.vocab_size)
+
+
+# 2. encoding = inference encoding -------------------------------------------------------------------------------
+
+def encode_coop_episode(tokenizer, n_robots: int, seed: int, noise: float, rng: random.Random,
+                        config: CoopConfig | None = None) -> dict:
+    """Play one expert episode (DART noise `noise`) and return its training sequences.
+
+    Returns {"n_robots", "seed", "success", "sequences": [(ids, labels)], "calls", "labelled_calls"}: one
+    sequence per context epoch, `labels` already shifted (position i predicts token i+1; -100 = no loss).
+    Each call's tokens come from the same `SharedContextTokens` the inference adapter uses; the assertions check
+    that they are a prefix of the epoch's sequence and that the decision follows the prompt token for token.
+    """
+    tokens = SharedContextTokens(tokenizer)
+    calls: list[tuple[list[int], int, int, str, str]] = []  # (epoch ids, prompt end, hash of call ids, label, taken)
+    seen: list[CoopContext] = []
+
+    def decide(ctx: CoopContext, agent: int) -> str:
+        if not seen:
+            seen.append(ctx)
+        ids, _ = tokens.call(ctx, agent)  # exactly what the adapter feeds the model
+        label = expert_decision(ctx.state(), agent).text()
+        taken = random_decision(ctx, rng).text() if noise and rng.random() < noise else label
+        calls.append((tokens.ids, len(ids), hash(tuple(ids)), label, taken))
+        return " " + taken
+
+    result = run_coop_episode(decide, n_robots, seed, config)
+    ctx = seen[0]
+    if ctx.epoch == tokens._epoch:  # the last decisions were appended after the last call: encode them too
+        tokens.sync(ctx)
+    labels_of: dict[int, list[int]] = {}
+    epochs: dict[int, list[int]] = {}
+    labelled = 0
+    for seq, end, h, label, taken in calls:
+        epochs.setdefault(id(seq), seq)
+        lab = labels_of.setdefault(id(seq), [-100] * len(seq))
+        assert hash(tuple(seq[:end])) == h, "a call's tokens are not a prefix of its epoch's sequence"
+        target = tokenizer.encode(f" {taken}\n", add_special_tokens=False)
+        assert seq[end:end + len(target)] == target, "the decision does not follow the prompt token for token"
+        if taken == label:
+            lab[end:end + len(target)] = target
+            labelled += 1
+    sequences = [(seq[:-1], labels_of[k][1:]) for k, seq in epochs.items()]
+    return {"n_robots": n_robots, "seed": seed, "success": result["success"], "sequences": sequences,
+            "calls": len(calls), "labelled_calls": labelled}
+
+
+def encode_dataset(recipe: CoopPlannerRecipe, tokenizer, config: CoopConfig) -> list[dict]:
+    rng = random.Random(recipe.seed)
+    out = []
+    with _progress() as bar:
+        task = bar.add_task("expert episodes (encoded)", total=len(recipe.team_sizes) * recipe.episodes_per_size)
+        for i in range(recipe.episodes_per_size):
+            for k in recipe.team_sizes:  # sizes interleaved so a stopped collection is still balanced
+                noise = recipe.noise if rng.random() < recipe.noisy_episode_fraction else 0.0
+                out.append(encode_coop_episode(tokenizer, k, i, noise, rng, config))
+                bar.advance(task)
+    return out
+
+
+# 3. training -----------------------------------------------------------------------------------------------------
+
+def build_coop_model(recipe: CoopPlannerRecipe, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_kv_heads, max_position_embeddings=recipe.max_positions,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(recipe.seed)
+    return LlamaForCausalLM(cfg)
+
+
+def _data(recipe: CoopPlannerRecipe, run_dir: Path, config: CoopConfig):
+    """The tokenizer and the encoded episodes, cached in `run_dir` (a resumed run reuses them)."""
+    from transformers import AutoTokenizer
+
+    fp = recipe.data_fingerprint()
+    tok_dir, data_path = run_dir / f"tokenizer-{fp}", run_dir / f"encoded-{fp}.pt"
+    if tok_dir.is_dir() and data_path.is_file():
+        return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True), torch.load(data_path)
+    tokenizer = coop_tokenizer(recipe, config)
+    episodes = encode_dataset(recipe, tokenizer, config)
+    tokenizer.save_pretrained(tok_dir)
+    tmp = data_path.with_suffix(".tmp")
+    torch.save(episodes, tmp)
+    tmp.replace(data_path)
+    return tokenizer, episodes
+
+
+def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, command: str = "",
+                       config: CoopConfig | None = None) -> Path:
+    """Run the recipe; resumes from `run_dir/checkpoint.pt` when its fingerprint matches. Returns `out_dir`."""
+    config = config or CoopConfig()
+    torch.set_num_threads(recipe.threads)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    tokenizer, episodes = _data(recipe, run_dir, config)
+    encoded = [s for e in episodes for s in e["sequences"]]
+    n_tokens = sum(len(x) for x, _ in encoded)
+    n_labels = sum(sum(1 for v in y if v != -100) for _, y in encoded)
+
+    model = build_coop_model(recipe, tokenizer)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
+    rng = random.Random(recipe.seed)
+    step, losses, train_seconds = 0, [], 0.0
+    ckpt = run_dir / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["fingerprint"] == recipe.fingerprint():
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            step, losses, train_seconds = state["step"], state["losses"], state["train_seconds"]
+            rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"])
+    batches: list[list[int]] = []
+    model.train()
+    with _progress() as bar:
+        task = bar.add_task("coop planner BC", total=recipe.steps, completed=step)
+        while step < recipe.steps:
+            if not batches:
+                batches = make_batches(encoded, recipe.tokens_per_batch, rng)
+            t0 = time.time()
+            ids, labels, mask = collate(encoded, batches.pop(), tokenizer.pad_token_id)
+            for g in opt.param_groups:
+                g["lr"] = _cosine(recipe.lr, step, recipe.warmup_steps, recipe.steps)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            train_seconds += time.time() - t0
+            losses.append(round(loss.item(), 5))
+            bar.update(task, completed=step, description=f"coop planner BC loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            if step % recipe.checkpoint_every == 0 or step == recipe.steps:
+                tmp = ckpt.with_suffix(".tmp")
+                torch.save({"fingerprint": recipe.fingerprint(), "model": model.state_dict(), "opt": opt.state_dict(),
+                            "step": step, "losses": losses, "train_seconds": train_seconds, "rng": rng.getstate(),
+                            "torch_rng": torch.get_rng_state()}, tmp)
+                tmp.replace(ckpt)
+
+    # 4. the model directory and its card
+    model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    by_size = {k: [e for e in episodes if e["n_robots"] == k] for k in recipe.team_sizes}
+    card = {
+        "name": "thrifty CoopGrid planner",
+        "architecture": "LlamaForCausalLM",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "recipe": dataclasses.asdict(recipe),
+        "env_config": dataclasses.asdict(config),
+        "command": command or "thrifty train coop-planner",
+        "data": {"episodes": len(episodes), "sequences": len(encoded), "tokens": n_tokens,
+                 "labelled_tokens": n_labels, "calls": sum(e["calls"] for e in episodes),
+                 "labelled_calls": sum(e["labelled_calls"] for e in episodes),
+                 "expert_success_with_noise": {str(k): round(sum(e["success"] for e in es) / max(1, len(es)), 3)
+                                               for k, es in by_size.items()},
+                 "seeds": f"training seeds 0..{recipe.episodes_per_size - 1} per team size; evaluation uses "
+                          f"{EVAL_SEED_BASE} + i (disjoint)",
+                 "encoding": "SharedContextTokens, the inference adapter's own encoder (asserted per call)"},
+        "seed": recipe.seed,
+        "training": {"steps": step, "train_seconds": round(train_seconds, 1),
+                     "wall_seconds_this_run": round(time.time() - t_start, 1), "threads": recipe.threads,
+                     "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:]))},
+        "loss_curve_every_25": losses[::25],
+        "success": {},
+    }
+    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return out_dir
+
+
+# Stage 1 data for the coop pruner (`thrifty train saliency --data` with coop transcripts) --------------------------
+
+def coop_saliency_samples(tokenizer, records: list[dict], n: int, rng: random.Random, max_tokens: int = 4096,
+                          per_episode: int = 3) -> list:
+    """Up to `n` saliency samples from coop transcripts (`collect_expert_transcripts` records as JSON lines).
+
+    Each episode is replayed with the decisions it took, and a few of its calls (where the expert's label was
+    taken) become samples exactly as the adapter tokenises them (`SharedContextTokens`): ids = the call's tokens
+    followed by the label's tokens ' <label>\\n' (teacher forcing), the decision positions predict those tokens.
+    Spans: mission = the task lines, observation = the caller's role line, its prompt and the decision; the
+    caller's own latest observation is *not* a protected span here (a Stage 1 sample holds two spans), so the
+    scorer also learns to rank it, while inference protects it (`COOP_PROTECT`).
+    """
+    from thrifty.train.saliency import Sample
+
+    by_size: dict[int, list[dict]] = {}
+    for rec in records:
+        by_size.setdefault(int(rec["n_robots"]), []).append(rec)
+    sizes = sorted(by_size)
+    out: list = []
+    for i in range(50 * n):
+        if len(out) >= n or not sizes:
+            break
+        rec = rng.choice(by_size[sizes[i % len(sizes)]])
+        good = [j for j, c in enumerate(rec["calls"]) if c["taken"] == c["label"]]
+        picks = set(rng.sample(good, min(per_episode, len(good), n - len(out))))
+        tokens = SharedContextTokens(tokenizer)
+        state = {"call": 0}
+
+        def decide(ctx: CoopContext, agent: int) -> str:
+            j = state["call"]
+            state["call"] += 1
+            call = rec["calls"][j]
+            if j in picks:
+                ids, spans = tokens.call(ctx, agent)
+                target = tokenizer.encode(f" {call['label']}\n", add_special_tokens=False)
+                full = ids + target
+                if len(full) <= max_tokens:
+                    out.append(Sample(full, spans["task"], (spans["role"][0], len(full)),
+                                      list(range(len(ids) - 1, len(full) - 1)), target, f"K{rec['n_robots']}"))
+            return " " + call["taken"]
+
+        run_coop_episode(decide, int(rec["n_robots"]), int(rec["seed"]))
+    return out[:n]
+
+
+def write_coop_transcripts(path: Path, team_sizes=(2, 4, 8), episodes_per_size: int = 200, noise: float = 0.1,
+                           first_seed: int = 100_000, seed: int = 0) -> Path:
+    """Coop expert transcripts (training seeds from `first_seed` on, disjoint from the planner's data and from
+    evaluation) as JSON lines: the data file `thrifty train saliency --data` reads for a coop model."""
+    from thrifty.agents.coop import collect_expert_transcripts
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k in team_sizes:
+        seeds = list(range(first_seed, first_seed + episodes_per_size))
+        lines += [json.dumps(r) for r in collect_expert_transcripts(k, seeds, noise=noise, seed=seed * 100 + k)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
