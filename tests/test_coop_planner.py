@@ -144,7 +144,7 @@ def test_bench_coop_writes_and_resumes(coop_model_dir, coop_pruner_path, tmp_pat
     from thrifty.bench.results import ResultsFile
     from thrifty.bench.runner import run_jobs
 
-    monkeypatch.setattr(bc, "CoopConfig", lambda: SHORT)
+    monkeypatch.setattr(bc, "eval_config", lambda: SHORT)
     configs = bc.coop_configs(0.5, coop_pruner_path, layers=(1,))
     jobs = bc.coop_jobs(configs, episodes=1, team_sizes=(2,))
     out = tmp_path / "coop.jsonl"

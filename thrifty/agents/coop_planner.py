@@ -35,6 +35,9 @@ SHIPPED_COOP_PLANNER = Path(__file__).resolve().parent.parent / "assets" / "coop
 SHIPPED_COOP_PRUNER = Path(__file__).resolve().parent.parent / "assets" / "coop_pruner" / "model.safetensors"
 COOP_PROTECT = ("task", "role", "own_observation")
 """Spans token pruning never drops in a coop call: the task, the caller's role line, its own latest observation."""
+EVAL_CONFIG = CoopConfig(max_rounds=20)
+"""Evaluation episodes (card and bench-coop) stop after 20 rounds: 1.5x the expert's longest episode (13 rounds
+over evaluation seeds 0..39 at K = 2, 4, 8); a planner stuck in a loop would otherwise cost 40 rounds of calls."""
 MAX_NEW_TOKENS = 16
 """The longest decision ('goto purple ball | claim: purple ball | drop: room 8' and its newline) is 14 tokens."""
 
@@ -145,6 +148,7 @@ def measure_coop_planner(model_dir: str | Path, team_sizes=(2, 4, 8), episodes: 
     from thrifty.techniques import build
 
     torch.set_num_threads(threads)
+    config = config or EVAL_CONFIG
     planner = CoopPlanner.load(model_dir, build("prefix_reuse", store_bytes=0))
     out = {}
     for k in team_sizes:
@@ -161,6 +165,7 @@ def measure_coop_planner(model_dir: str | Path, team_sizes=(2, 4, 8), episodes: 
         card = json.loads(card_path.read_text()) if card_path.is_file() else {}
         card["success"] = out
         card["success_protocol"] = (f"evaluation seeds {EVAL_SEED_BASE} + 0..{episodes - 1} per team size, greedy "
-                                    "decoding through prefix_reuse (exact), default CoopConfig; expert on the same seeds")
+                                    "decoding through prefix_reuse (exact), CoopConfig(max_rounds="
+                                    f"{config.max_rounds}); expert on the same seeds")
         card_path.write_text(json.dumps(card, indent=2) + "\n")
     return out

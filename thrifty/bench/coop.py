@@ -7,7 +7,7 @@ calling robot's role line and its own latest observation (`COOP_PROTECT`) and pr
 the three process the same number of tokens in every layer of every call.
 
 One job = one episode of (configuration, team size K, evaluation seed 1e9 + i); the level field of a results
-line is "K<k>". Jobs run episode index first, so an interrupted run is balanced across configurations; rerunning
+line is "K<k>". Episodes stop after 20 rounds (`EVAL_CONFIG`, 1.5x the expert's longest). Jobs run episode index first, so an interrupted run is balanced across configurations; rerunning
 resumes (`ResultsFile`, `run_jobs`).
 
 Per (configuration, K) the table reports success with its 95% Wilson interval, context tokens per call, tokens
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from thrifty.agents.coop import CoopConfig, run_coop_episode
-from thrifty.agents.coop_planner import (COOP_PROTECT, SHIPPED_COOP_PLANNER, SHIPPED_COOP_PRUNER, CoopPlanner,
-                                         run_coop_planner_episode)
+from thrifty.agents.coop_planner import (COOP_PROTECT, EVAL_CONFIG, SHIPPED_COOP_PLANNER, SHIPPED_COOP_PRUNER,
+                                         CoopPlanner, run_coop_planner_episode)
 from thrifty.bench.report import format_flops, wilson_interval
 from thrifty.bench.results import Job
 from thrifty.envs.babyai_text import eval_seed
@@ -75,6 +75,11 @@ def coop_jobs(configs: Sequence[CoopBenchConfig], episodes: int = EPISODES,
 
 # --- the episode function (top level, plain-data arguments) ---------------------------------------------------------
 
+def eval_config() -> CoopConfig:
+    """The episode settings of every bench-coop job (`EVAL_CONFIG`: at most 20 rounds)."""
+    return EVAL_CONFIG
+
+
 _PLANNERS: dict[tuple, CoopPlanner] = {}
 
 
@@ -99,11 +104,11 @@ def run_coop_job(job: Job, configs: dict[str, dict], model_dir: str, threads: in
     config = configs[job.config]
     n_robots = int(job.level[1:])
     if config["technique"] is None:
-        result = run_coop_episode(expert_decide, n_robots, job.seed, CoopConfig())
+        result = run_coop_episode(expert_decide, n_robots, job.seed, eval_config())
         for key in ("final_context", "costs", "decisions"):
             result.pop(key, None)
     else:
-        result = run_coop_planner_episode(_planner_for(model_dir, config), n_robots, job.seed, CoopConfig())
+        result = run_coop_planner_episode(_planner_for(model_dir, config), n_robots, job.seed, eval_config())
     result["threads"] = threads
     return result
 

@@ -66,14 +66,30 @@ class CoopPlannerRecipe:
     lr: float = 2e-3
     warmup_steps: int = 40
     weight_decay: float = 0.05
+    finetune_steps: int = 450
+    """phase 2: more, smaller steps after `steps` (phase 1 learns the format and the action marginals but leaves
+    the room choice near chance; as for the BabyAI-Text planner, more updates per CPU-second is what helps)"""
+    finetune_tokens_per_batch: int = 2_500
+    finetune_lr: float = 1e-3
     seed: int = 0
     checkpoint_every: int = 25
     threads: int = 1
 
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.finetune_steps
+
+    def lr_at(self, step: int) -> float:
+        """Phase 1: warm-up then cosine to 5% of `lr`; phase 2: the same shape again from `finetune_lr`."""
+        if step < self.steps:
+            return _cosine(self.lr, step, self.warmup_steps, self.steps)
+        return _cosine(self.finetune_lr, step - self.steps, 20, self.finetune_steps)
+
     def fingerprint(self) -> str:
-        """Identifies a training run (`threads` and `checkpoint_every` never matter)."""
+        """Identifies a training run (phase-2 fields may change without losing phase 1's checkpoint; `threads`
+        and `checkpoint_every` never matter)."""
         data = dataclasses.asdict(self)
-        for k in ("threads", "checkpoint_every"):
+        for k in ("threads", "checkpoint_every", "finetune_steps", "finetune_tokens_per_batch", "finetune_lr"):
             data.pop(k)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -218,14 +234,17 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
     batches: list[list[int]] = []
     model.train()
     with _progress() as bar:
-        task = bar.add_task("coop planner BC", total=recipe.steps, completed=step)
-        while step < recipe.steps:
+        task = bar.add_task("coop planner BC", total=recipe.total_steps, completed=step)
+        while step < recipe.total_steps:
+            if step == recipe.steps:
+                batches = []  # phase 2 regroups the data into smaller batches
             if not batches:
-                batches = make_batches(encoded, recipe.tokens_per_batch, rng)
+                per_batch = recipe.tokens_per_batch if step < recipe.steps else recipe.finetune_tokens_per_batch
+                batches = make_batches(encoded, per_batch, rng)
             t0 = time.time()
             ids, labels, mask = collate(encoded, batches.pop(), tokenizer.pad_token_id)
             for g in opt.param_groups:
-                g["lr"] = _cosine(recipe.lr, step, recipe.warmup_steps, recipe.steps)
+                g["lr"] = recipe.lr_at(step)
             logits = model(input_ids=ids, attention_mask=mask).logits
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
             opt.zero_grad(set_to_none=True)
@@ -236,7 +255,7 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
             train_seconds += time.time() - t0
             losses.append(round(loss.item(), 5))
             bar.update(task, completed=step, description=f"coop planner BC loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
-            if step % recipe.checkpoint_every == 0 or step == recipe.steps:
+            if step % recipe.checkpoint_every == 0 or step in (recipe.steps, recipe.total_steps):
                 tmp = ckpt.with_suffix(".tmp")
                 torch.save({"fingerprint": recipe.fingerprint(), "model": model.state_dict(), "opt": opt.state_dict(),
                             "step": step, "losses": losses, "train_seconds": train_seconds, "rng": rng.getstate(),
@@ -266,7 +285,7 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
                           f"{EVAL_SEED_BASE} + i (disjoint)",
                  "encoding": "SharedContextTokens, the inference adapter's own encoder (asserted per call)"},
         "seed": recipe.seed,
-        "training": {"steps": step, "train_seconds": round(train_seconds, 1),
+        "training": {"steps": step, "phase1_steps": recipe.steps, "train_seconds": round(train_seconds, 1),
                      "wall_seconds_this_run": round(time.time() - t_start, 1), "threads": recipe.threads,
                      "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:]))},
         "loss_curve_every_25": losses[::25],
@@ -284,7 +303,9 @@ def coop_saliency_samples(tokenizer, records: list[dict], n: int, rng: random.Ra
 
     Each episode is replayed with the decisions it took, and a few of its calls (where the expert's label was
     taken) become samples exactly as the adapter tokenises them (`SharedContextTokens`): ids = the call's tokens
-    followed by the label's tokens ' <label>\\n' (teacher forcing), the decision positions predict those tokens.
+    followed by the first tokens of ' <label>\\n' up to a random cut before the newline (teacher forcing); the
+    decision positions predict the label's tokens up to and including the one after the cut, so the last token's
+    prediction is a decision token (what the pruner's held-out evaluation compares with the full model).
     Spans: mission = the task lines, observation = the caller's role line, its prompt and the decision; the
     caller's own latest observation is *not* a protected span here (a Stage 1 sample holds two spans), so the
     scorer also learns to rank it, while inference protects it (`COOP_PROTECT`).
@@ -312,10 +333,11 @@ def coop_saliency_samples(tokenizer, records: list[dict], n: int, rng: random.Ra
             if j in picks:
                 ids, spans = tokens.call(ctx, agent)
                 target = tokenizer.encode(f" {call['label']}\n", add_special_tokens=False)
-                full = ids + target
+                cut = rng.randrange(len(target) - 1)  # the sample ends inside the decision, before its newline
+                full = ids + target[:cut]
                 if len(full) <= max_tokens:
                     out.append(Sample(full, spans["task"], (spans["role"][0], len(full)),
-                                      list(range(len(ids) - 1, len(full) - 1)), target, f"K{rec['n_robots']}"))
+                                      list(range(len(ids) - 1, len(full))), target[:cut + 1], f"K{rec['n_robots']}"))
             return " " + call["taken"]
 
         run_coop_episode(decide, int(rec["n_robots"]), int(rec["seed"]))
