@@ -26,6 +26,8 @@ def bench(
     ray: bool = typer.Option(False, "--ray", help="run the episodes as Ray tasks"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local cluster)"),
     by_level: bool = typer.Option(True, help="one table row per configuration and level"),
+    write_card: bool = typer.Option(False, help="write the per-level success into the model's card.json "
+                                                "(how the shipped planner's card gets its figures)"),
 ) -> None:
     """Run SUITE, append one JSON line per episode (resumable), print the table and write the Pareto plot."""
     from thrifty.backbones import ModelLoadError
@@ -73,6 +75,8 @@ def bench(
         print_table(overall, console=console, title=f"thrifty bench {suite}: all levels")
     plot = pareto_plot(overall if not by_level else rows, out.with_suffix(".png"), title=f"thrifty bench {suite}")
     summary = write_summary_json(rows, out.with_name(out.stem + "_summary.json"))
+    if write_card:
+        _write_card(model_dir, summarize(records, by_level=True), suite, len(jobs))
     console.print(f"results: {out}\nplot: {plot}\nsummary: {summary}")
 
 
@@ -117,3 +121,23 @@ def play(
     console.print(f"mission: {r['mission']}\nactions: {' '.join(r['actions'])}\n"
                   f"success: {r['success']} in {r['steps']} steps, {r['decisions']} decisions, "
                   f"{r['tokens_context_max']} context tokens at the end")
+
+
+def _write_card(model_dir: Path, rows: list[dict], suite: str, n_jobs: int) -> None:
+    """Record per-level success (first configuration) and the command that measured it in card.json."""
+    import sys
+
+    card_path = model_dir / "card.json"
+    if not card_path.exists():
+        fail(f"--write-card: {card_path} does not exist (only model directories with a card can record success)")
+    card = json.loads(card_path.read_text())
+    first = rows[0]["config"]
+    card["success"] = {r["level"]: {"success": round(r["success"], 3),
+                                    "ci95": [round(r["success_lo"], 3), round(r["success_hi"], 3)],
+                                    "episodes": r["episodes"], "mean_steps": round(r["steps"], 1)}
+                       for r in rows if r["config"] == first}
+    card["success_measured_by"] = {"command": "thrifty " + " ".join(sys.argv[1:]), "suite": suite,
+                                   "config": first, "episodes": n_jobs}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    console.print(f"success per level written to {card_path}")
+

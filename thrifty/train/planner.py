@@ -64,7 +64,7 @@ class PlannerRecipe:
     ~65% per-step agreement with the expert; more optimizer updates per CPU-second is what helps)"""
     finetune_tokens_per_batch: int = 2_500
     finetune_lr: float = 1e-3
-    dagger_rounds: int = 2
+    dagger_rounds: int = 3
     """phase 3: DAgger rounds (`thrifty.train.dagger`): the planner plays fresh training seeds, the expert labels
     every state it visits, and training continues on expert + DAgger episodes"""
     dagger_episodes_per_level: int = 50
