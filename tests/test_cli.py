@@ -117,3 +117,20 @@ def test_shipped_planner_has_a_complete_card_and_loads():
     assert sum(f.stat().st_size for f in SHIPPED_PLANNER.iterdir()) <= 20 * 2**20
     planner = TextPlanner.load(SHIPPED_PLANNER)
     assert planner.backbone.family == "llama"
+
+
+def test_write_card_records_measured_success_per_level(tmp_path, tiny_planner_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_planner_dir, model)
+    args = ["bench", "planner", "--out", str(tmp_path / "p.jsonl"), "--model", str(model), "--episodes", "1",
+            "--level", "GoToLocal", "--threads", "1", "--max-steps", "4", "--write-card"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "card.json does not exist" in r.output
+    (model / "card.json").write_text('{"name": "tiny"}')
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    card = json.loads((model / "card.json").read_text())
+    assert card["name"] == "tiny" and card["success"]["GoToLocal"]["episodes"] == 1
+    assert card["success_measured_by"]["command"].startswith("thrifty bench planner")

@@ -55,6 +55,9 @@ def bench(
             check_configs(spec.configs, model_dir)
         except (PrunerMismatchError, FileNotFoundError, ValueError) as e:
             fail(f"{e}\n(suite {suite} has token_pruning configurations: pass --pruner PATH for this model)")
+    if write_card and not (model_dir / "card.json").exists():
+        fail(f"--write-card: {model_dir / 'card.json'} does not exist (only a model directory with a card can "
+             "record its success)")
     out = out or Path("results") / f"{suite}.jsonl"
     jobs = spec.jobs(episodes, levels)
     # Ray gives each task one CPU, so one thread per episode there. Ray runs its workers at nice 15: on a busy
@@ -125,18 +128,20 @@ def play(
 
 def _write_card(model_dir: Path, rows: list[dict], suite: str, n_jobs: int) -> None:
     """Record per-level success (first configuration) and the command that measured it in card.json."""
-    import sys
+    import click
 
     card_path = model_dir / "card.json"
-    if not card_path.exists():
-        fail(f"--write-card: {card_path} does not exist (only model directories with a card can record success)")
     card = json.loads(card_path.read_text())
     first = rows[0]["config"]
     card["success"] = {r["level"]: {"success": round(r["success"], 3),
                                     "ci95": [round(r["success_lo"], 3), round(r["success_hi"], 3)],
                                     "episodes": r["episodes"], "mean_steps": round(r["steps"], 1)}
                        for r in rows if r["config"] == first}
-    card["success_measured_by"] = {"command": "thrifty " + " ".join(sys.argv[1:]), "suite": suite,
+    ctx = click.get_current_context()
+    given = [f"--{k.replace('_', '-')} {v}" for k, v in ctx.params.items()
+             if k not in ("suite", "write_card") and v not in (None, False, True, [], ())
+             and v != ctx.command.params[[p.name for p in ctx.command.params].index(k)].default]
+    card["success_measured_by"] = {"command": " ".join([f"thrifty bench {suite}", *given]), "suite": suite,
                                    "config": first, "episodes": n_jobs}
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     console.print(f"success per level written to {card_path}")
