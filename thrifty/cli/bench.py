@@ -79,7 +79,10 @@ def bench(
     plot = pareto_plot(overall if not by_level else rows, out.with_suffix(".png"), title=f"thrifty bench {suite}")
     summary = write_summary_json(rows, out.with_name(out.stem + "_summary.json"))
     if write_card:
-        _write_card(model_dir, summarize(records, by_level=True), suite, len(jobs))
+        given = {"--model": model, "--episodes": episodes, "--threads": threads, "--max-steps": max_steps}
+        command = " ".join([f"thrifty bench {suite}", *(f"--level {lv}" for lv in level or []),
+                            *(f"{k} {v}" for k, v in given.items() if v is not None), *(["--ray"] if ray else [])])
+        _write_card(model_dir, summarize(records, by_level=True), command, suite, len(jobs))
     console.print(f"results: {out}\nplot: {plot}\nsummary: {summary}")
 
 
@@ -126,10 +129,8 @@ def play(
                   f"{r['tokens_context_max']} context tokens at the end")
 
 
-def _write_card(model_dir: Path, rows: list[dict], suite: str, n_jobs: int) -> None:
+def _write_card(model_dir: Path, rows: list[dict], command: str, suite: str, n_jobs: int) -> None:
     """Record per-level success (first configuration) and the command that measured it in card.json."""
-    import click
-
     card_path = model_dir / "card.json"
     card = json.loads(card_path.read_text())
     first = rows[0]["config"]
@@ -137,11 +138,7 @@ def _write_card(model_dir: Path, rows: list[dict], suite: str, n_jobs: int) -> N
                                     "ci95": [round(r["success_lo"], 3), round(r["success_hi"], 3)],
                                     "episodes": r["episodes"], "mean_steps": round(r["steps"], 1)}
                        for r in rows if r["config"] == first}
-    ctx = click.get_current_context()
-    given = [f"--{k.replace('_', '-')} {v}" for k, v in ctx.params.items()
-             if k not in ("suite", "write_card") and v not in (None, False, True, [], ())
-             and v != ctx.command.params[[p.name for p in ctx.command.params].index(k)].default]
-    card["success_measured_by"] = {"command": " ".join([f"thrifty bench {suite}", *given]), "suite": suite,
+    card["success_measured_by"] = {"command": command, "suite": suite,
                                    "config": first, "episodes": n_jobs}
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     console.print(f"success per level written to {card_path}")
