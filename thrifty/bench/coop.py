@@ -40,7 +40,7 @@ KEEP_RATIO = 0.6
 PRUNE_LAYERS = (1, 2)
 """The coop planner has 4 layers; pruning after layers 1 and 2 (the deepest allowed) leaves 2 layers on kept tokens
 (the default derived from depth would prune after layer 1 only)."""
-EPISODES = 6
+EPISODES = 4
 """Default episodes per (configuration, K): the whole run fits in ~20 minutes on one core."""
 
 

@@ -18,7 +18,7 @@ def train_coop_planner_cmd(
     steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps (default: the recipe's)"),
     episodes: Optional[int] = typer.Option(None, min=1, help="expert episodes per team size (default: the recipe's)"),
     threads: int = typer.Option(1, min=1, help="torch threads"),
-    measure: int = typer.Option(30, min=0, help="evaluation episodes per team size for the card (0: skip)"),
+    measure: int = typer.Option(10, min=0, help="evaluation episodes per team size for the card (0: skip)"),
 ) -> None:
     """Rebuild the CoopGrid planner (behaviour cloning on expert episodes, K = 2, 4, 8); resumes from RUN_DIR,
     then measures closed-loop success per team size against the expert's and writes it into the card."""
@@ -44,8 +44,8 @@ def train_coop_pruner_cmd(
     model: Optional[Path] = typer.Option(None, help="coop planner directory (default: the shipped one)"),
     out: Optional[Path] = typer.Option(None, help="pruner directory to write (default: the shipped asset's place)"),
     run_dir: Path = typer.Option(Path("runs/coop_pruner"), help="transcripts and the Stage 1 file"),
-    samples: int = typer.Option(900, min=1, help="Stage 1 decision samples (coop calls)"),
-    steps: int = typer.Option(300, min=1, help="Stage 2 optimisation steps"),
+    samples: int = typer.Option(400, min=1, help="Stage 1 decision samples (coop calls)"),
+    steps: int = typer.Option(150, min=1, help="Stage 2 optimisation steps"),
     layers: str = typer.Option("1,2", help="prune layers"),
     threads: int = typer.Option(1, min=1, help="torch threads"),
 ) -> None:
@@ -75,7 +75,7 @@ def train_coop_pruner_cmd(
 @app.command("bench-coop")
 def bench_coop_cmd(
     out: Path = typer.Option(Path("results/coop.jsonl"), help="results file (JSON lines, resumable)"),
-    episodes: int = typer.Option(6, min=1, help="episodes per configuration and team size"),
+    episodes: int = typer.Option(4, min=1, help="episodes per configuration and team size"),
     sizes: str = typer.Option("2,4,8", help="team sizes K (2..8)"),
     keep_ratio: float = typer.Option(0.6, help="keep ratio of the pruning configurations (count-matched)"),
     model: Optional[Path] = typer.Option(None, help="coop planner directory (default: the shipped one)"),

@@ -10,8 +10,12 @@ Reads top to bottom:
    the decision taken equals the expert's label. DART noise: in a fraction of the episodes a random valid
    decision is *taken* at some calls (the sequence shows the resulting state, the label stays the expert's, so
    those calls are not labelled and the later ones teach recovery);
-3. train the Llama with AdamW and a cosine schedule, checkpointing so an interrupted run resumes (the
-   checkpoint carries the recipe's fingerprint);
+3. train the Llama with AdamW, a cosine schedule per phase, checkpointing so an interrupted run resumes (the
+   checkpoint carries the recipe's fingerprint). Five phases, as the shipped run went (see the field docs):
+   1-2 decision loss on whole sequences (large, then small batches): format and marginals only, the attention
+   stayed at its initialisation; 3 + a language-modelling loss on every token: still no use of the context;
+   4 both losses on 256-token windows: the attention learns to read (the `claim:` copy and the room choice
+   leave chance within ~500 steps); 5 whole sequences again;
 4. save a Hugging Face model directory (safetensors, tokenizer) plus `card.json`.
 
 Closed-loop success per team size is measured afterwards (`measure_coop_planner`, run by
@@ -66,30 +70,72 @@ class CoopPlannerRecipe:
     lr: float = 2e-3
     warmup_steps: int = 40
     weight_decay: float = 0.05
-    finetune_steps: int = 450
+    finetune_steps: int = 250
     """phase 2: more, smaller steps after `steps` (phase 1 learns the format and the action marginals but leaves
-    the room choice near chance; as for the BabyAI-Text planner, more updates per CPU-second is what helps)"""
+    the room choice near chance; as for the BabyAI-Text planner, more updates per CPU-second is what helps).
+    The shipped run was planned with 450 and cut at 250 when phase 3 was added (its lr followed the 450-step
+    cosine until then)"""
     finetune_tokens_per_batch: int = 2_500
     finetune_lr: float = 1e-3
+    lm_steps: int = 550
+    """phase 3: the same batches with an auxiliary language-modelling loss on *every* context token. Phases 1-2
+    with the loss on decision tokens only learned the format and the marginals but no use of the context (the
+    room and object after `explore` / `goto` stayed at chance, even the copy in `claim:`); the whole context
+    (plans, roles and reports copy one another) gives ~9x more targets and the attention to read them"""
+    lm_weight: float = 0.5
+    """weight of the mean cross-entropy over all tokens next to the mean over the decision tokens"""
+    lm_lr: float = 1e-3
+    window_steps: int = 1200
+    """phase 4: the same two losses on short windows of the sequences. Phases 1-3 left the attention weights
+    near their initialisation: over 1-3k-token contexts, attention starts out uniform and gives no gradient that
+    finds the few relevant tokens; short windows bootstrap it (then phase 5 goes back to whole sequences)"""
+    window_tokens: int = 256
+    window_lr: float = 1e-3
+    final_steps: int = 300
+    """phase 5: whole sequences again, decision + language-modelling loss"""
+    final_lr: float = 5e-4
     seed: int = 0
     checkpoint_every: int = 25
     threads: int = 1
 
     @property
-    def total_steps(self) -> int:
+    def lm_start(self) -> int:
         return self.steps + self.finetune_steps
 
+    @property
+    def window_start(self) -> int:
+        return self.lm_start + self.lm_steps
+
+    @property
+    def final_start(self) -> int:
+        return self.window_start + self.window_steps
+
+    @property
+    def total_steps(self) -> int:
+        return self.final_start + self.final_steps
+
+    def phase_starts(self) -> tuple[int, ...]:
+        return (0, self.steps, self.lm_start, self.window_start, self.final_start)
+
     def lr_at(self, step: int) -> float:
-        """Phase 1: warm-up then cosine to 5% of `lr`; phase 2: the same shape again from `finetune_lr`."""
+        """Phase 1: warm-up then cosine to 5% of `lr`; every later phase: the same shape again from its own lr."""
         if step < self.steps:
             return _cosine(self.lr, step, self.warmup_steps, self.steps)
-        return _cosine(self.finetune_lr, step - self.steps, 20, self.finetune_steps)
+        starts = self.phase_starts() + (self.total_steps,)
+        lrs = (self.lr, self.finetune_lr, self.lm_lr, self.window_lr, self.final_lr)
+        j = max(i for i, s in enumerate(starts[:-1]) if s <= step)
+        return _cosine(lrs[j], step - starts[j], 20, starts[j + 1] - starts[j])
+
+    def tokens_per_batch_at(self, step: int) -> int:
+        return self.tokens_per_batch if step < self.steps else self.finetune_tokens_per_batch
 
     def fingerprint(self) -> str:
         """Identifies a training run (phase-2 fields may change without losing phase 1's checkpoint; `threads`
         and `checkpoint_every` never matter)."""
         data = dataclasses.asdict(self)
-        for k in ("threads", "checkpoint_every", "finetune_steps", "finetune_tokens_per_batch", "finetune_lr"):
+        for k in ("threads", "checkpoint_every", "finetune_steps", "finetune_tokens_per_batch", "finetune_lr",
+                  "lm_steps", "lm_weight", "lm_lr", "window_steps", "window_tokens", "window_lr", "final_steps",
+                  "final_lr"):
             data.pop(k)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -212,6 +258,8 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
     t_start = time.time()
     tokenizer, episodes = _data(recipe, run_dir, config)
     encoded = [s for e in episodes for s in e["sequences"]]
+    w = recipe.window_tokens
+    windows = [(x[i:i + w], y[i:i + w]) for x, y in encoded for i in range(0, len(x) - w // 4, w)]
     n_tokens = sum(len(x) for x, _ in encoded)
     n_labels = sum(sum(1 for v in y if v != -100) for _, y in encoded)
 
@@ -236,17 +284,22 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
     with _progress() as bar:
         task = bar.add_task("coop planner BC", total=recipe.total_steps, completed=step)
         while step < recipe.total_steps:
-            if step == recipe.steps:
-                batches = []  # phase 2 regroups the data into smaller batches
+            if step in recipe.phase_starts():
+                batches = []  # every phase regroups the data
+            pool = windows if recipe.window_start <= step < recipe.final_start else encoded
             if not batches:
-                per_batch = recipe.tokens_per_batch if step < recipe.steps else recipe.finetune_tokens_per_batch
-                batches = make_batches(encoded, per_batch, rng)
+                batches = make_batches(pool, recipe.tokens_per_batch_at(step), rng)
             t0 = time.time()
-            ids, labels, mask = collate(encoded, batches.pop(), tokenizer.pad_token_id)
+            ids, labels, mask = collate(pool, batches.pop(), tokenizer.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = recipe.lr_at(step)
             logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+                    if bool((labels != -100).any()) else logits.sum() * 0.0)  # a batch of windows may have none
+            if step >= recipe.lm_start:  # phase 3: + next-token loss on every real token of the context
+                every = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)  # [B, n-1]
+                lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), every.flatten(), ignore_index=-100)
+                loss = loss + recipe.lm_weight * lm
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -255,7 +308,7 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
             train_seconds += time.time() - t0
             losses.append(round(loss.item(), 5))
             bar.update(task, completed=step, description=f"coop planner BC loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
-            if step % recipe.checkpoint_every == 0 or step in (recipe.steps, recipe.total_steps):
+            if step % recipe.checkpoint_every == 0 or step in recipe.phase_starts() + (recipe.total_steps,):
                 tmp = ckpt.with_suffix(".tmp")
                 torch.save({"fingerprint": recipe.fingerprint(), "model": model.state_dict(), "opt": opt.state_dict(),
                             "step": step, "losses": losses, "train_seconds": train_seconds, "rng": rng.getstate(),
@@ -285,7 +338,7 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
                           f"{EVAL_SEED_BASE} + i (disjoint)",
                  "encoding": "SharedContextTokens, the inference adapter's own encoder (asserted per call)"},
         "seed": recipe.seed,
-        "training": {"steps": step, "phase1_steps": recipe.steps, "train_seconds": round(train_seconds, 1),
+        "training": {"steps": step, "phase1_steps": recipe.steps, "phase_starts": list(recipe.phase_starts()), "train_seconds": round(train_seconds, 1),
                      "wall_seconds_this_run": round(time.time() - t_start, 1), "threads": recipe.threads,
                      "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:]))},
         "loss_curve_every_25": losses[::25],
