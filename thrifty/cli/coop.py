@@ -44,8 +44,8 @@ def train_coop_pruner_cmd(
     model: Optional[Path] = typer.Option(None, help="coop planner directory (default: the shipped one)"),
     out: Optional[Path] = typer.Option(None, help="pruner directory to write (default: the shipped asset's place)"),
     run_dir: Path = typer.Option(Path("runs/coop_pruner"), help="transcripts and the Stage 1 file"),
-    samples: int = typer.Option(400, min=1, help="Stage 1 decision samples (coop calls)"),
-    steps: int = typer.Option(150, min=1, help="Stage 2 optimisation steps"),
+    samples: int = typer.Option(300, min=1, help="Stage 1 decision samples (coop calls)"),
+    steps: int = typer.Option(120, min=1, help="Stage 2 optimisation steps"),
     layers: str = typer.Option("1,2", help="prune layers"),
     threads: int = typer.Option(1, min=1, help="torch threads"),
 ) -> None:
