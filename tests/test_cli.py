@@ -134,3 +134,9 @@ def test_write_card_records_measured_success_per_level(tmp_path, tiny_planner_di
     card = json.loads((model / "card.json").read_text())
     assert card["name"] == "tiny" and card["success"]["GoToLocal"]["episodes"] == 1
     assert card["success_measured_by"]["command"].startswith("thrifty bench planner")
+
+
+def test_bench_coop_refuses_options_of_the_babyai_suites():
+    r = runner.invoke(app, ["bench", "coop", "--level", "GoToLocal"])
+    assert r.exit_code == 2 and "bench-coop --help" in r.output
+    assert "coop" in runner.invoke(app, ["suites"]).output

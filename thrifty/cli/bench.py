@@ -37,6 +37,14 @@ def bench(
     from thrifty.techniques.token_pruning import PrunerMismatchError
     from thrifty.envs import UnknownLevelError
 
+    if suite == "coop":  # K robots over a shared context: its own runner (`thrifty bench-coop` has every option)
+        if level or ray or max_steps or write_card:
+            fail("`thrifty bench coop` takes --out, --episodes, --model, --pruner and --threads; use "
+                 "`thrifty bench-coop --help` for team sizes, keep ratio and configurations")
+        from thrifty.cli.coop import bench_coop_cmd
+
+        return bench_coop_cmd(out=out or Path("results/coop.jsonl"), episodes=episodes or 4, sizes="2,4,8",
+                              keep_ratio=0.6, model=model, pruner=pruner, config=None, threads=threads or 1)
     try:
         spec = get_suite(suite)
         levels = check_levels(level)
@@ -95,6 +103,8 @@ def suites() -> None:
         configs = ", ".join(c.name for c in s.configs)
         console.print(f"[bold]{s.name}[/]: {s.description}\n  configs: {configs}; levels: {', '.join(s.levels)}; "
                       f"{s.episodes} episodes each")
+    console.print("[bold]coop[/]: K in 2,4,8 robots on CoopGrid over a shared context: expert, full, prefix reuse, "
+                  "token / random / recency pruning at 0.6 (`thrifty bench coop`; every option: `thrifty bench-coop`)")
 
 
 @app.command()
