@@ -19,3 +19,12 @@ def fail(message: str) -> NoReturn:
     """Print one clear error line and exit with status 2 (no stack trace)."""
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)
+
+
+def comma_list(text: str, kind, option: str) -> tuple:
+    """Parse a comma-separated option value like "1,2,3" with `kind` (int or float); a clear error otherwise."""
+    try:
+        return tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        fail(f"{option} must be comma-separated numbers like 1,2,3, got {text!r}")
+

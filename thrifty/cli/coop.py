@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from thrifty.cli._app import app, console, fail, train_app
+from thrifty.cli._app import app, comma_list, console, fail, train_app
 
 
 @train_app.command("coop-planner")
@@ -63,7 +63,7 @@ def train_coop_pruner_cmd(
         write_coop_transcripts(data)
     try:
         sal = train_saliency(model, run_dir / "saliency.safetensors", data=data,
-                             layers=tuple(int(x) for x in layers.split(",")), samples=samples, threads=threads,
+                             layers=comma_list(layers, int, "--layers"), samples=samples, threads=threads,
                              max_tokens=4096, command=command)
         path = train_pruner(model, sal, out or SHIPPED_COOP_PRUNER.parent, steps=steps, threads=threads,
                             command=command)
@@ -94,10 +94,7 @@ def bench_coop_cmd(
     from thrifty.bench.runner import run_jobs
     from thrifty.techniques.token_pruning import PrunerMismatchError
 
-    try:
-        ks = tuple(int(x) for x in sizes.split(","))
-    except ValueError:
-        fail(f"--sizes must be comma-separated team sizes like 2,4,8, got {sizes!r}")
+    ks = comma_list(sizes, int, "--sizes")
     if any(not 2 <= k <= 8 for k in ks):
         fail(f"team sizes must be in 2..8, got {list(ks)}")
     model_dir = model or SHIPPED_COOP_PLANNER

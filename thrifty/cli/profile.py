@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from thrifty.cli._app import app, console, fail
+from thrifty.cli._app import app, comma_list, console, fail
 
 
 @app.command("profile-reuse")
@@ -31,7 +31,7 @@ def profile_reuse_cmd(
 
     try:
         level_id(level)
-        steps_at = tuple(int(x) for x in report_steps.split(","))
+        steps_at = comma_list(report_steps, int, "--report-steps")
         result = profile_reuse(model or SHIPPED_PLANNER, out, level=level, seed_index=seed, steps=steps,
                                report_steps=steps_at, warmup=warmup, repeats=repeats, threads=threads,
                                arms=default_arms(None if pruning == "none" else pruning, keep_ratio))
@@ -39,13 +39,6 @@ def profile_reuse_cmd(
         fail(str(e))
     console.print_json(data={k: v for k, v in result.items() if k != "series"} if isinstance(result, dict) else result)
     console.print(f"written to {out}")
-
-
-def _numbers(text: str, kind, what: str) -> tuple:
-    try:
-        return tuple(kind(x) for x in text.split(","))
-    except ValueError:
-        fail(f"{what} must be comma-separated numbers, got {text!r}")
 
 
 @app.command("profile")
@@ -69,10 +62,10 @@ def profile_cmd(
     from thrifty.bench.profile import print_profile, run_profile
     from thrifty.techniques.token_pruning import PrunerMismatchError
 
-    layer_ids = _numbers(layers, int, "--layers") if layers else None
+    layer_ids = comma_list(layers, int, "--layers") if layers else None
     try:
-        result = run_profile(model, mode=mode, lengths=_numbers(lengths, int, "--lengths"),
-                             keeps=_numbers(keep, float, "--keep"), gen_tokens=gen_tokens, repeats=repeats,
+        result = run_profile(model, mode=mode, lengths=comma_list(lengths, int, "--lengths"),
+                             keeps=comma_list(keep, float, "--keep"), gen_tokens=gen_tokens, repeats=repeats,
                              warmup=warmup, threads=threads, schedule=schedule, layers=layer_ids, pruner=pruner,
                              out_json=out / f"profile-{mode}.json", out_png=out / f"profile-{mode}.png")
     except (ModelLoadError, PrunerMismatchError, ValueError, FileNotFoundError) as e:
@@ -97,7 +90,7 @@ def pruning_quality_cmd(
     from thrifty.techniques.token_pruning import PrunerMismatchError
 
     try:
-        result = run_pruning_quality(model, keeps=_numbers(keep, float, "--keep"),
+        result = run_pruning_quality(model, keeps=comma_list(keep, float, "--keep"),
                                      settings={"pruner": pruner} if pruner else None, episodes_per_level=episodes,
                                      per_level=per_level, out_json=out, threads=threads)
     except (ModelLoadError, PrunerMismatchError, ValueError, FileNotFoundError) as e:

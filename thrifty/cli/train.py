@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from thrifty.cli._app import console, fail, train_app
+from thrifty.cli._app import comma_list, console, fail, train_app
 
 
 @train_app.command("planner")
@@ -34,10 +34,7 @@ def train_planner_cmd(
 def _layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
     if not text:
         return None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        fail(f"--layers must be comma-separated layer indices like 1,2,3, got {text!r}")
+    return comma_list(text, int, "--layers")
 
 
 @train_app.command("saliency")

@@ -38,7 +38,8 @@ from thrifty.agents.coop import CoopConfig, collect_expert_transcript, random_de
 from thrifty.agents.coop_context import CoopContext, SharedContextTokens
 from thrifty.agents.coop_expert import expert_decision
 from thrifty.envs.babyai_text import EVAL_SEED_BASE
-from thrifty.train.planner import _cosine, _progress, collate, make_batches, train_tokenizer
+from thrifty.train.planner import (_cosine, _progress, adamw, collate, make_batches, resume, save_checkpoint,
+                                   train_tokenizer)
 
 SHIPPED_COOP_PLANNER = Path(__file__).resolve().parent.parent / "assets" / "coop_planner"
 
@@ -264,21 +265,10 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
     n_labels = sum(sum(1 for v in y if v != -100) for _, y in encoded)
 
     model = build_coop_model(recipe, tokenizer)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
+    opt = adamw(model, recipe.lr, recipe.weight_decay)
     rng = random.Random(recipe.seed)
-    step, losses, train_seconds = 0, [], 0.0
     ckpt = run_dir / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["fingerprint"] == recipe.fingerprint():
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            step, losses, train_seconds = state["step"], state["losses"], state["train_seconds"]
-            rng.setstate(state["rng"])
-            torch.set_rng_state(state["torch_rng"])
+    step, losses, train_seconds = resume(ckpt, recipe.fingerprint(), model, opt, rng)
     batches: list[list[int]] = []
     model.train()
     with _progress() as bar:
@@ -309,11 +299,7 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
             losses.append(round(loss.item(), 5))
             bar.update(task, completed=step, description=f"coop planner BC loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
             if step % recipe.checkpoint_every == 0 or step in recipe.phase_starts() + (recipe.total_steps,):
-                tmp = ckpt.with_suffix(".tmp")
-                torch.save({"fingerprint": recipe.fingerprint(), "model": model.state_dict(), "opt": opt.state_dict(),
-                            "step": step, "losses": losses, "train_seconds": train_seconds, "rng": rng.getstate(),
-                            "torch_rng": torch.get_rng_state()}, tmp)
-                tmp.replace(ckpt)
+                save_checkpoint(ckpt, recipe.fingerprint(), model, opt, rng, step, losses, train_seconds)
 
     # 4. the model directory and its card
     model.eval()

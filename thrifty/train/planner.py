@@ -274,6 +274,39 @@ def tokens_per_batch_at(recipe: PlannerRecipe, step: int) -> int:
     return recipe.finetune_tokens_per_batch if dagger_round_at(recipe, step) is None else recipe.dagger_tokens_per_batch
 
 
+def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def resume(ckpt: Path, fingerprint: str, model, opt, rng: random.Random) -> tuple[int, list[float], float]:
+    """Restore model, optimiser and RNGs from `ckpt` when its fingerprint matches; returns (step, losses,
+    train_seconds), (0, [], 0.0) when there is nothing to resume."""
+    if not ckpt.exists():
+        return 0, [], 0.0
+    state = torch.load(ckpt, weights_only=False)
+    if state["fingerprint"] != fingerprint:
+        return 0, [], 0.0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["losses"], state["train_seconds"]
+
+
+def save_checkpoint(ckpt: Path, fingerprint: str, model, opt, rng: random.Random, step: int, losses: list[float],
+                    train_seconds: float) -> None:
+    """Write the resumable state atomically (a temporary file, then a rename)."""
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                "losses": losses, "train_seconds": train_seconds, "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(ckpt)
+
+
 def _dagger_round(recipe: PlannerRecipe, model, tokenizer, round_idx: int, run_dir: Path, bar) -> dict:
     """Collect DAgger round `round_idx` with the current weights (cached per round in `run_dir`)."""
     from thrifty.train.dagger import agreement, collect_dagger_round
@@ -309,21 +342,10 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
     n_labels = sum(sum(1 for v in y if v != -100) for _, y in encoded)
 
     model = build_model(recipe, len(tokenizer), tokenizer)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
+    opt = adamw(model, recipe.lr, recipe.weight_decay)
     rng = random.Random(recipe.seed)
-    step, losses, train_seconds = 0, [], 0.0
     ckpt = run_dir / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["fingerprint"] == recipe.fingerprint():
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-            step, losses, train_seconds = state["step"], state["losses"], state["train_seconds"]
-            rng.setstate(state["rng"])
-            torch.set_rng_state(state["torch_rng"])
+    step, losses, train_seconds = resume(ckpt, recipe.fingerprint(), model, opt, rng)
     batches: list[list[int]] = []
     pool = encoded  # what batches are drawn from: expert transcripts, then + DAgger episodes
     dagger: dict[int, dict] = {}
@@ -359,11 +381,7 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
             losses.append(round(loss.item(), 5))
             bar.update(task, completed=step, description=f"planner BC loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
             if step % recipe.checkpoint_every == 0 or step in (recipe.steps, last):
-                tmp = ckpt.with_suffix(".tmp")
-                torch.save({"fingerprint": recipe.fingerprint(), "model": model.state_dict(), "opt": opt.state_dict(),
-                            "step": step, "losses": losses, "train_seconds": train_seconds, "rng": rng.getstate(),
-                            "torch_rng": torch.get_rng_state()}, tmp)
-                tmp.replace(ckpt)
+                save_checkpoint(ckpt, recipe.fingerprint(), model, opt, rng, step, losses, train_seconds)
 
     # 5. save the model directory and its card
     model.eval()
