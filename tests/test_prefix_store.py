@@ -7,7 +7,7 @@ import torch
 
 from thrifty.backbones import HFDecoder, tiny_model
 from thrifty.runtime import Session
-from thrifty.runtime.prefix_store import PrefixStore, session_layer_kv, shared_store
+from thrifty.runtime.prefix_store import PrefixStore, shared_store
 
 TOL = 1e-5
 
@@ -72,7 +72,7 @@ def test_partial_match_of_a_pruned_session_equals_its_rollback():
     ref.rollback(11)
     assert hit.kv_lengths() == ref.kv_lengths() and hit.kv_lengths()[2] < 11
     for l in range(bb.n_layers):
-        assert all(torch.equal(x, y) for x, y in zip(session_layer_kv(hit, l), session_layer_kv(ref, l)))
+        assert all(torch.equal(x, y) for x, y in zip(hit.layer_kv(l), ref.layer_kv(l)))
     tail = [3, 4, 5]
     assert torch.allclose(hit.extend(tail).logits, ref.extend(tail).logits, atol=TOL, rtol=0)
 

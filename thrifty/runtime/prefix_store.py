@@ -76,33 +76,6 @@ class _Root:
     node: _Node
 
 
-def session_layer_kv(session: Session, layer: int) -> Segment | None:
-    """(keys, values, positions) of one layer of `session`, or None for an empty layer. Read only."""
-    k = session._keys[layer]
-    if k is None:
-        return None
-    return k, session._values[layer], session.positions[layer]
-
-
-def session_from_kv(backbone, token_ids: Sequence[int], layers: list[Segment | None]) -> Session:
-    """A session holding `token_ids` (positions 0..n-1) with the given per-layer entries; `extend` continues it.
-
-    Every segment must have positions sorted and < len(token_ids). The tensors are used as given (never modified).
-    """
-    s = Session(backbone)
-    n = len(token_ids)
-    for l, seg in enumerate(layers):
-        if seg is None or seg[2].numel() == 0:
-            continue
-        k, v, p = seg
-        if int(p[-1]) >= n:
-            raise ValueError(f"layer {l} holds position {int(p[-1])} beyond the {n} given tokens")
-        s._keys[l], s._values[l], s.positions[l] = k, v, p
-    s.token_ids = [int(t) for t in token_ids]
-    s.next_position = n
-    return s
-
-
 class PrefixStore:
     """Token-prefix -> per-layer KV, shared by every session that looks it up; LRU eviction under `budget_bytes`.
 
@@ -183,7 +156,7 @@ class PrefixStore:
         for l in range(backbone.n_layers):
             segs = []
             if b:
-                seg = session_layer_kv(base, l)
+                seg = base.layer_kv(l)
                 if seg is not None and seg[2].numel():
                     segs.append(_take(seg, seg[2] < b) if int(seg[2][-1]) >= b else seg)
             for node in path:
@@ -203,7 +176,7 @@ class PrefixStore:
         for node in path:
             node.last_used = tick
         self.hits += n
-        return session_from_kv(backbone, ids[:n], layers), n
+        return Session.from_kv(backbone, ids[:n], layers), n
 
     # ------------------------------------------------------------------ inserting
     def insert(self, session: Session, length: int | None = None, namespace: str = "") -> int:
@@ -231,7 +204,7 @@ class PrefixStore:
                 parent = self._split(parent, n - parent.start)
             kv: list[Segment] = []
             for l in range(session.backbone.n_layers):
-                seg = session_layer_kv(session, l)
+                seg = session.layer_kv(l)
                 if seg is None:
                     seg = _empty_segment(session, l)
                 kv.append(_take(seg, (seg[2] >= n) & (seg[2] < length)))
@@ -320,23 +293,3 @@ def shared_store(name: str, budget_bytes: int) -> PrefixStore:
         raise ValueError(f"shared prefix store {name!r} exists with budget {store.budget_bytes} bytes, "
                          f"not {budget_bytes}")
     return store
-
-
-def drop_entries(session: Session, drops: dict[int, torch.Tensor]) -> int:
-    """Remove from layer l of `session` its entries at the original positions drops[l] (LongTensor [n]).
-
-    Used to evict history from deep layers once (composed prefix reuse + pruning). New tensors, never in place,
-    so forks of the session and prefixes shared through a store are unaffected. Returns the entries removed.
-    """
-    removed = 0
-    for l, pos in drops.items():
-        p = session.positions[l]
-        keep = ~torch.isin(p, pos.to(p.device))
-        n = int((~keep).sum())
-        if n == 0:
-            continue
-        session.positions[l] = p[keep]
-        session._keys[l] = session._keys[l][:, :, keep]
-        session._values[l] = session._values[l][:, :, keep]
-        removed += n
-    return removed

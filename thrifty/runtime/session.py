@@ -205,22 +205,65 @@ class Session:
             raise ValueError(f"rollback position {to_position} outside [0, {self.next_position}]")
         for l, p in enumerate(self.positions):
             keep = p < to_position
-            if bool(keep.all()):
-                continue
-            self.positions[l] = p[keep]
-            if self._keys[l] is not None:
-                self._keys[l] = self._keys[l][:, :, keep]
-                self._values[l] = self._values[l][:, :, keep]
+            if not bool(keep.all()):
+                self._keep_entries(l, keep)
         self.token_ids = self.token_ids[:to_position]
         self.spans = {n: (s, min(e, to_position)) for n, (s, e) in self.spans.items() if s < to_position}
         if to_position != self.next_position:
             self._last_logits = None
         self.next_position = to_position
 
+    def drop_positions(self, drops: dict[int, torch.Tensor]) -> int:
+        """Remove from layer l its entries at the original positions drops[l] (LongTensor [n]); returns how many.
+
+        Used to evict history from deep layers once (composed prefix reuse + pruning). New tensors, never in
+        place, so forks of this session and prefixes shared through a store are unaffected."""
+        removed = 0
+        for l, pos in drops.items():
+            p = self.positions[l]
+            keep = ~torch.isin(p, pos.to(p.device))
+            n = int((~keep).sum())
+            if n:
+                self._keep_entries(l, keep)
+                removed += n
+        return removed
+
+    def _keep_entries(self, layer: int, keep: torch.Tensor) -> None:
+        """Keep only the entries of `layer` selected by the bool mask keep [T_l] (out of place)."""
+        self.positions[layer] = self.positions[layer][keep]
+        if self._keys[layer] is not None:
+            self._keys[layer] = self._keys[layer][:, :, keep]
+            self._values[layer] = self._values[layer][:, :, keep]
+
+    @classmethod
+    def from_kv(cls, backbone: HFDecoder, token_ids: Sequence[int],
+                layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]) -> "Session":
+        """A session holding `token_ids` (positions 0..n-1) with the given per-layer (keys, values, positions);
+        `extend` continues it. Positions must be sorted and < n. The tensors are used as given (never modified)."""
+        s = cls(backbone)
+        n = len(token_ids)
+        for l, seg in enumerate(layers):
+            if seg is None or seg[2].numel() == 0:
+                continue
+            k, v, p = seg
+            if int(p[-1]) >= n:
+                raise ValueError(f"layer {l} holds position {int(p[-1])} beyond the {n} given tokens")
+            s._keys[l], s._values[l], s.positions[l] = k, v, p
+        s.token_ids = [int(t) for t in token_ids]
+        s.next_position = n
+        return s
+
     # ------------------------------------------------------------------ inspection
     def kv_lengths(self) -> list[int]:
         """Cached entries per layer, [T_0, ..., T_{L-1}]."""
         return [int(p.numel()) for p in self.positions]
+
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keys [1, kv_heads, T_l, hd], values, positions [T_l]) of one layer, or None while it is empty.
+        Read only: the tensors are shared with forks and prefix stores."""
+        if self._keys[layer] is None:
+            return None
+        return self._keys[layer], self._values[layer], self.positions[layer]
 
     def kv_tensors(self) -> list[torch.Tensor]:
         """[k_0, v_0, k_1, v_1, ...], each [1, kv_heads, T_l, head_dim] (for `thrifty.cost.kv_bytes`)."""

@@ -42,7 +42,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from thrifty.runtime.prefix_store import drop_entries
 from thrifty.techniques.base import DecisionContext, LayerHook, Technique, build, register
 
 PRUNE_AT = ("history", "prefill")
@@ -194,7 +193,7 @@ class Composed(Technique):
                 mask[keep] = False
                 dropped_after.append(positions[present[mask]])
                 present = present[keep]
-        evicted = drop_entries(session, drops)
+        evicted = session.drop_positions(drops)
         self._report = {"settled_tokens": int(positions.numel()),
                         "evicted_per_layer": [int(drops[l].numel()) if l in drops else 0 for l in range(n_layers)],
                         "evicted": evicted}
