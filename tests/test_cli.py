@@ -55,6 +55,8 @@ def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_d
     assert [x["config"] for x in lines[1:]] == configs and all(x["level"] == "GoToLocal" for x in lines[1:])
     assert out.with_suffix(".png").stat().st_size > 0
     assert "success" in r.output
+    paired = json.loads(out.with_name("demo_paired.json").read_text())  # every config against full, same seed
+    assert [x["config"] for x in paired] == configs[1:] and all(x["pairs"] == 1 for x in paired)
     # resuming runs nothing new
     r2 = runner.invoke(app, args)
     assert r2.exit_code == 0 and len(out.read_text().splitlines()) == 1 + len(configs)

@@ -33,6 +33,7 @@ def bench(
     from thrifty.backbones import ModelLoadError
     from thrifty.bench import (SHIPPED_PLANNER, ResultsFile, ResultsMismatchError, UnknownSuiteError, episode_fn,
                                get_suite, pareto_plot, print_table, run_jobs, summarize, write_summary_json)
+    from thrifty.bench.paired import paired_rows, print_paired
     from thrifty.bench.suites import check_configs, check_levels, with_pruner
     from thrifty.techniques.token_pruning import PrunerMismatchError
     from thrifty.envs import UnknownLevelError
@@ -84,8 +85,12 @@ def bench(
     overall = summarize(records, by_level=False)
     if by_level:
         print_table(overall, console=console, title=f"thrifty bench {suite}: all levels")
+    paired = paired_rows(records)  # each config against `full` on the same (level, seed) episodes
+    print_paired(paired, console, f"thrifty bench {suite}: paired with full (same levels and seeds)")
     plot = pareto_plot(overall if not by_level else rows, out.with_suffix(".png"), title=f"thrifty bench {suite}")
     summary = write_summary_json(rows, out.with_name(out.stem + "_summary.json"))
+    if paired:
+        write_summary_json(paired, out.with_name(out.stem + "_paired.json"))
     if write_card:
         given = {"--model": model, "--episodes": episodes, "--threads": threads, "--max-steps": max_steps}
         command = " ".join([f"thrifty bench {suite}", *(f"--level {lv}" for lv in level or []),
