@@ -214,3 +214,31 @@ def test_expert_transcript_layout():
         text = t["epochs"][c["epoch"]]
         assert text[:c["prompt_end"]].endswith(f"r{c['agent']} do:")
         assert text[c["prompt_end"]:].startswith(f" {c['taken']}\n")
+
+
+def test_role_line_lists_what_the_expert_chooses_from():
+    """The caller's role line names its free targets (with rooms) and free rooms, as the records above it tell;
+    a new `goto` / `explore` claim of the expert always picks from those lists."""
+    checked = {"goto": 0, "explore": 0}
+
+    def decide(ctx, agent):
+        state = ctx.state()
+        role = ctx.records[-1]
+        assert role.kind == "role" and role.agent == agent
+        _, targets, rooms = role.payload.split(" | ")
+        listed = [] if targets == "targets -" else targets.removeprefix("targets ").split(", ")
+        assert listed == [f"{t} {state.objects[t]}" for t in state.free_targets(agent)]
+        assert rooms == "rooms " + (" ".join(map(str, state.free_rooms(agent))) or "-")
+        d = expert_decision(state, agent)
+        if d.claim is not None:
+            kind = d.action.kind
+            checked[kind] += 1
+            if kind == "goto":
+                assert d.claim in {x.rpartition(" ")[0] for x in listed}
+            else:
+                assert str(d.claim) in rooms.split()[1:]
+        return " " + d.text()
+
+    for k, seed in ((2, 0), (4, 3), (8, 5)):
+        assert run_coop_episode(decide, k, seed)["success"]
+    assert checked["goto"] > 0 and checked["explore"] > 0

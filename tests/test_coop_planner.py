@@ -161,3 +161,27 @@ def test_bench_coop_writes_and_resumes(coop_model_dir, coop_pruner_path, tmp_pat
     assert pruned["flops_per_call"] < full["flops_per_call"]
     flops_png, success_png = bc.coop_plots(rows, tmp_path / "coop")
     assert flops_png.stat().st_size > 0 and success_png.stat().st_size > 0
+
+
+def test_training_windows_keep_true_positions_and_label_each_decision_once(coop_model_dir):
+    """Phase 1 windows: the task lines + a slice of the sequence at its true positions; every decision label of
+    the sequence appears in exactly one window; noisy decisions carry no language-modelling target."""
+    from transformers import AutoTokenizer
+
+    from thrifty.train.coop_planner import encode_coop_episode, whole_sequences, windows
+
+    tok = AutoTokenizer.from_pretrained(str(coop_model_dir))
+    eps = [encode_coop_episode(tok, k, seed=s, noise=0.3, rng=random.Random(s), config=SHORT)
+           for k, s in ((2, 1), (4, 2))]
+    (x, y, lm, pos), = whole_sequences(eps[:1])
+    assert pos == list(range(len(x))) and len(lm) == len(x)
+    assert any(v == -100 for v in lm[eps[0]["prefix_tokens"][0]:])  # a noisy decision is masked
+    for e in eps:
+        p = e["prefix_tokens"][0]
+        labelled = []
+        for wx, wy, wlm, wpos in windows([e], width=64, overlap=16):
+            assert len(wx) == len(wy) == len(wlm) == len(wpos) <= p + 64
+            assert wpos[:p] == list(range(p)) and wpos[p:] == list(range(wpos[p], wpos[p] + len(wx) - p))
+            labelled += [(q, v) for q, v in zip(wpos, wy) if v != -100]
+        (sx, sy, _, _), = whole_sequences([e])
+        assert sorted(labelled) == [(q, v) for q, v in enumerate(sy) if v != -100]

@@ -10,9 +10,10 @@ prefix is stable from one call to the next. One episode renders as:
     r0 obs: room 4; red ball 4                 <- what robot 0 saw (objects with their rooms), where it is
     r1 obs: room 0
     plan: r0 -, r1 -, r2 -, r3 -               <- open holdings at the start of the round (the team plan)
-    r0 role: room 4 holds -                    <- span "role" of robot 0's call; what precedes is "stable_prefix"
+    r0 role: room 4 holds - | targets red ball 4 | rooms 0 1 2 3 5 6 7 8
+                                               <- span "role" of robot 0's call; what precedes is "stable_prefix"
     r0 do: goto red ball | claim: red ball     <- "r0 do:" is the prompt, the rest the planner's decision
-    r1 role: room 0 holds -
+    r1 role: room 0 holds - | targets - | rooms 0 1 2 3 5 6 7 8
     r1 do: explore 0 | claim: room 0
     r1 conflict: room 0 held by r2            <- a claim on what a teammate holds (it still stands)
     r0 obs: room 4; red ball 4, grey key 5    <- after the round's moves
@@ -23,6 +24,10 @@ prefix is stable from one call to the next. One episode renders as:
 
 Rooms are numbered row by row from the north-west (3x3: 0 1 2 / 3 4 5 / 6 7 8). A robot's call ends with its
 role line and the prompt `rN do:`; span "own_observation" is its latest `obs` line (or the `known` line, see below).
+The role line is the caller's view of the team state, derived from the records above it (like the plan line):
+its room, its open holding, the *free targets* (mission targets reported, not reached, held by no teammate, in
+mission order, with their rooms) and the *free rooms* (not explored, held by no teammate). It puts what a
+decision needs next to the prompt instead of scattered over 1-3k tokens of reports.
 
 Size limit (`max_records`): when a round starts with more visible records than that, a `known` record that
 summarises the team state (objects and their rooms, reached targets, explored rooms, each robot's room and
@@ -64,7 +69,8 @@ _PAYLOAD = {
     "round": re.compile(r""),
     "plan": re.compile(rf"r\d {_ITEM}(?:, r\d {_ITEM})*"),
     "obs": re.compile(rf"room \d{{1,2}}(?:; {_NAME} \d{{1,2}}(?:, {_NAME} \d{{1,2}})*)?"),
-    "role": re.compile(rf"room \d{{1,2}} holds {_ITEM}"),
+    "role": re.compile(rf"room \d{{1,2}} holds {_ITEM} \| targets (?:-|{_NAME} \d{{1,2}}(?:, {_NAME} \d{{1,2}})*)"
+                       rf" \| rooms (?:-|\d{{1,2}}(?: \d{{1,2}})*)"),
     "do": re.compile(r"[^\n]+"),  # checked by the decision grammar
     "conflict": re.compile(rf"{_ITEM} held by r\d"),
     "env": re.compile(rf"reached {_NAME}|explored room \d{{1,2}}"),
@@ -196,6 +202,21 @@ class TeamState:
     def room_distance(self, a: int, b: int) -> int:
         (ra, ca), (rb, cb) = divmod(a, self.cols), divmod(b, self.cols)
         return abs(ra - rb) + abs(ca - cb)
+
+    def free_targets(self, agent: int) -> list[str]:
+        """Mission targets reported, not reached and held open by no robot but `agent`, in mission order."""
+        return [t for t in self.targets
+                if t in self.objects and t not in self.reached and self.holder(t, besides=agent) is None]
+
+    def free_rooms(self, agent: int) -> list[int]:
+        """Rooms not explored and held open by no robot but `agent`."""
+        return [r for r in range(self.n_rooms) if r not in self.explored and self.holder(r, besides=agent) is None]
+
+    def role_text(self, agent: int) -> str:
+        targets = ", ".join(f"{t} {self.objects[t]}" for t in self.free_targets(agent))
+        rooms = " ".join(str(r) for r in self.free_rooms(agent))
+        return (f"room {self.rooms.get(agent, 0)} holds {item_text(self.open_holding(agent))} "
+                f"| targets {targets or '-'} | rooms {rooms or '-'}")
 
     def plan_text(self) -> str:
         return ", ".join(f"r{a} {item_text(self.open_holding(a))}" for a in range(self.n_robots))
@@ -331,7 +352,7 @@ class CoopContext:
     def begin_call(self, agent: int) -> str:
         """Append robot `agent`'s role line; returns the text the planner continues (ends with 'rN do:')."""
         state = self.state()
-        self._add("role", agent, f"room {state.rooms.get(agent, 0)} holds {item_text(state.open_holding(agent))}")
+        self._add("role", agent, state.role_text(agent))
         return self.render() + f"r{agent} {DO_PROMPT}"
 
     def add_decision(self, agent: int, decision: Decision | str) -> None:

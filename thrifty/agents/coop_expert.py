@@ -13,7 +13,8 @@ Robot a, on its turn (teammates earlier in the round have already decided, and t
 
 Room distance is the Manhattan distance in the room layout (rooms numbered row by row); "open" means not
 finished (target not reached / room not explored: `env:` lines). Every quantity it reads is in the rendered
-context, so a small model can learn the rule from the text.
+context, so a small model can learn the rule from the text; the caller's role line lists its free targets and
+free rooms (`TeamState.role_text`), the sets steps 2 and 4 choose from.
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ def expert_decision(state: TeamState, agent: int) -> Decision:
     if isinstance(mine, str):
         return Decision(Subgoal("goto", mine))
     free_robots = [a for a in range(state.n_robots) if not isinstance(state.open_holding(a), str)]
-    for target in state.targets:
-        if target not in state.objects or target in state.reached or state.holder(target, besides=agent) is not None:
-            continue
+    for target in state.free_targets(agent):
         room = state.objects[target]
         nearest = min(free_robots, key=lambda a: (state.room_distance(state.rooms.get(a, 0), room), a))
         if nearest == agent:
@@ -44,8 +43,7 @@ def expert_decision(state: TeamState, agent: int) -> Decision:
     here = state.rooms.get(agent, 0)
     if isinstance(mine, int):
         return Decision(Subgoal("explore", mine))
-    free_rooms = [r for r in range(state.n_rooms)
-                  if r not in state.explored and state.holder(r, besides=agent) is None]
+    free_rooms = state.free_rooms(agent)
     if free_rooms:
         room = min(free_rooms, key=lambda r: (state.room_distance(here, r), r))
         return Decision(Subgoal("explore", room), claim=room)

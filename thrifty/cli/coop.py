@@ -15,7 +15,8 @@ from thrifty.cli._app import app, comma_list, console, fail, train_app
 def train_coop_planner_cmd(
     out: Optional[Path] = typer.Option(None, help="model directory to write (default: the shipped asset's place)"),
     run_dir: Path = typer.Option(Path("runs/coop_planner"), help="encoded data and resumable checkpoints"),
-    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps (default: the recipe's)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="phase 1 (window) steps (default: the recipe's)"),
+    final_steps: Optional[int] = typer.Option(None, min=1, help="phase 2 (whole-sequence) steps (default: the recipe's)"),
     episodes: Optional[int] = typer.Option(None, min=1, help="expert episodes per team size (default: the recipe's)"),
     threads: int = typer.Option(1, min=1, help="torch threads"),
     measure: int = typer.Option(10, min=0, help="evaluation episodes per team size for the card (0: skip)"),
@@ -26,7 +27,9 @@ def train_coop_planner_cmd(
 
     recipe = CoopPlannerRecipe(threads=threads)
     if steps:
-        recipe.steps = steps
+        recipe.window_steps = steps
+    if final_steps:
+        recipe.final_steps = final_steps
     if episodes:
         recipe.episodes_per_size = episodes
     path = train_coop_planner(recipe, out or SHIPPED_COOP_PLANNER, run_dir,

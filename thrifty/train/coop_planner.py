@@ -9,14 +9,19 @@ Reads top to bottom:
    tokens are a prefix of it); the decision tokens right after each `rN do:` prompt are labelled, but only where
    the decision taken equals the expert's label. DART noise: in a fraction of the episodes a random valid
    decision is *taken* at some calls (the sequence shows the resulting state, the label stays the expert's, so
-   those calls are not labelled and the later ones teach recovery);
-3. train the Llama with AdamW, a cosine schedule per phase, checkpointing so an interrupted run resumes (the
-   checkpoint carries the recipe's fingerprint). Five phases, as the shipped run went (see the field docs):
-   1-2 decision loss on whole sequences (large, then small batches): format and marginals only, the attention
-   stayed at its initialisation; 3 + a language-modelling loss on every token: still no use of the context;
-   4 both losses on 256-token windows: the attention learns to read (the `claim:` copy and the room choice
-   leave chance within ~500 steps); 5 whole sequences again;
+   those calls are not labelled, not even by the language-modelling loss, and the later ones teach recovery);
+3. train the Llama with AdamW and checkpointing (an interrupted run resumes; the checkpoint carries the recipe's
+   fingerprint), two phases, both with the decision loss plus a language-modelling loss on every context token:
+   1 short windows (the task lines + `window_tokens` consecutive tokens, at their true positions), so the
+   attention learns to read from the first step; 2 whole sequences (contexts of 0.3-3.5k tokens);
 4. save a Hugging Face model directory (safetensors, tokenizer) plus `card.json`.
+
+Why (the previous recipe failed closed loop, success 0 at every K): with tied input/output embeddings and weight
+decay on them, the colour and type tokens (unpredictable in the reports, so the output loss pushes their logits
+together) collapsed to one input vector (pairwise cosine 0.95 for the six colours, 0.99 for the three types):
+the model could not even copy `goto blue key` into `claim: blue key`. Here the embeddings are untied and not
+decayed. And the role line now lists the caller's free targets and free rooms (`TeamState.role_text`), so the
+facts a decision needs sit next to the prompt instead of 1-3k tokens back.
 
 Closed-loop success per team size is measured afterwards (`measure_coop_planner`, run by
 `thrifty train coop-planner` once training ends) and written into the card next to the expert's.
@@ -38,8 +43,7 @@ from thrifty.agents.coop import CoopConfig, collect_expert_transcript, random_de
 from thrifty.agents.coop_context import CoopContext, SharedContextTokens
 from thrifty.agents.coop_expert import expert_decision
 from thrifty.envs.babyai_text import EVAL_SEED_BASE
-from thrifty.train.planner import (_cosine, _progress, adamw, collate, make_batches, resume, save_checkpoint,
-                                   train_tokenizer)
+from thrifty.train.planner import _cosine, _progress, make_batches, resume, save_checkpoint, train_tokenizer
 
 SHIPPED_COOP_PLANNER = Path(__file__).resolve().parent.parent / "assets" / "coop_planner"
 
@@ -48,7 +52,7 @@ SHIPPED_COOP_PLANNER = Path(__file__).resolve().parent.parent / "assets" / "coop
 class CoopPlannerRecipe:
     team_sizes: list[int] = field(default_factory=lambda: [2, 4, 8])
     """robots per episode; the data mixes them equally"""
-    episodes_per_size: int = 700
+    episodes_per_size: int = 400
     """expert episodes per team size, on training seeds 0..n-1"""
     tokenizer_episodes: int = 60
     """episodes per team size whose text trains the tokenizer"""
@@ -62,81 +66,51 @@ class CoopPlannerRecipe:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 448
+    intermediate_size: int = 416
+    tie_embeddings: bool = False
+    """untied, and no weight decay on either embedding: tied ones collapsed the colour / type tokens"""
     max_positions: int = 4096
     """RoPE positions; compaction (`CoopConfig.max_records`) keeps contexts below ~3.5k tokens"""
-    tokens_per_batch: int = 6000
-    """padded tokens per optimisation step"""
-    steps: int = 650
+    lm_weight: float = 0.25
+    """weight of the mean next-token loss over every context token next to the mean over the decision tokens"""
+    window_tokens: int = 384
+    """phase 1: windows of this many consecutive tokens, after the task lines"""
+    window_overlap: int = 96
+    """consecutive windows overlap by this much; the decision labels in a window's first `window_overlap` tokens
+    are left to the previous window, so every label is seen once with at least that much context before it"""
+    window_steps: int = 1400
+    window_tokens_per_batch: int = 3500
     lr: float = 2e-3
     warmup_steps: int = 40
     weight_decay: float = 0.05
-    finetune_steps: int = 250
-    """phase 2: more, smaller steps after `steps` (phase 1 learns the format and the action marginals but leaves
-    the room choice near chance; as for the BabyAI-Text planner, more updates per CPU-second is what helps).
-    The shipped run was planned with 450 and cut at 250 when phase 3 was added (its lr followed the 450-step
-    cosine until then)"""
-    finetune_tokens_per_batch: int = 2_500
-    finetune_lr: float = 1e-3
-    lm_steps: int = 550
-    """phase 3: the same batches with an auxiliary language-modelling loss on *every* context token. Phases 1-2
-    with the loss on decision tokens only learned the format and the marginals but no use of the context (the
-    room and object after `explore` / `goto` stayed at chance, even the copy in `claim:`); the whole context
-    (plans, roles and reports copy one another) gives ~9x more targets and the attention to read them"""
-    lm_weight: float = 0.5
-    """weight of the mean cross-entropy over all tokens next to the mean over the decision tokens"""
-    lm_lr: float = 1e-3
-    window_steps: int = 1200
-    """phase 4: the same two losses on short windows of the sequences. Phases 1-3 left the attention weights
-    near their initialisation: over 1-3k-token contexts, attention starts out uniform and gives no gradient that
-    finds the few relevant tokens; short windows bootstrap it (then phase 5 goes back to whole sequences)"""
-    window_tokens: int = 256
-    window_lr: float = 1e-3
-    final_steps: int = 300
-    """phase 5: whole sequences again, decision + language-modelling loss"""
+    final_steps: int = 500
+    """phase 2: whole sequences"""
+    final_tokens_per_batch: int = 3500
     final_lr: float = 5e-4
     seed: int = 0
     checkpoint_every: int = 25
     threads: int = 1
 
     @property
-    def lm_start(self) -> int:
-        return self.steps + self.finetune_steps
-
-    @property
-    def window_start(self) -> int:
-        return self.lm_start + self.lm_steps
-
-    @property
-    def final_start(self) -> int:
-        return self.window_start + self.window_steps
-
-    @property
     def total_steps(self) -> int:
-        return self.final_start + self.final_steps
+        return self.window_steps + self.final_steps
 
     def phase_starts(self) -> tuple[int, ...]:
-        return (0, self.steps, self.lm_start, self.window_start, self.final_start)
+        return (0, self.window_steps)
 
     def lr_at(self, step: int) -> float:
-        """Phase 1: warm-up then cosine to 5% of `lr`; every later phase: the same shape again from its own lr."""
-        if step < self.steps:
-            return _cosine(self.lr, step, self.warmup_steps, self.steps)
-        starts = self.phase_starts() + (self.total_steps,)
-        lrs = (self.lr, self.finetune_lr, self.lm_lr, self.window_lr, self.final_lr)
-        j = max(i for i, s in enumerate(starts[:-1]) if s <= step)
-        return _cosine(lrs[j], step - starts[j], 20, starts[j + 1] - starts[j])
+        """Each phase: warm-up then cosine to 5% of its peak."""
+        if step < self.window_steps:
+            return _cosine(self.lr, step, self.warmup_steps, self.window_steps)
+        return _cosine(self.final_lr, step - self.window_steps, 20, self.final_steps)
 
     def tokens_per_batch_at(self, step: int) -> int:
-        return self.tokens_per_batch if step < self.steps else self.finetune_tokens_per_batch
+        return self.window_tokens_per_batch if step < self.window_steps else self.final_tokens_per_batch
 
     def fingerprint(self) -> str:
-        """Identifies a training run (phase-2 fields may change without losing phase 1's checkpoint; `threads`
-        and `checkpoint_every` never matter)."""
+        """Identifies a training run (`threads` and `checkpoint_every` never matter)."""
         data = dataclasses.asdict(self)
-        for k in ("threads", "checkpoint_every", "finetune_steps", "finetune_tokens_per_batch", "finetune_lr",
-                  "lm_steps", "lm_weight", "lm_lr", "window_steps", "window_tokens", "window_lr", "final_steps",
-                  "final_lr"):
+        for k in ("threads", "checkpoint_every"):
             data.pop(k)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -144,6 +118,7 @@ class CoopPlannerRecipe:
         keys = ("team_sizes", "episodes_per_size", "tokenizer_episodes", "noise", "noisy_episode_fraction",
                 "vocab_size", "seed")
         data = {k: getattr(self, k) for k in keys}
+        data["format"] = "role-v2"  # the role line lists free targets and rooms
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -165,10 +140,13 @@ def encode_coop_episode(tokenizer, n_robots: int, seed: int, noise: float, rng: 
                         config: CoopConfig | None = None) -> dict:
     """Play one expert episode (DART noise `noise`) and return its training sequences.
 
-    Returns {"n_robots", "seed", "success", "sequences": [(ids, labels)], "calls", "labelled_calls"}: one
-    sequence per context epoch, `labels` already shifted (position i predicts token i+1; -100 = no loss).
-    Each call's tokens come from the same `SharedContextTokens` the inference adapter uses; the assertions check
-    that they are a prefix of the epoch's sequence and that the decision follows the prompt token for token.
+    Returns {"n_robots", "seed", "success", "sequences": [(ids, labels)], "lm_labels": [labels],
+    "prefix_tokens": [n], "calls", "labelled_calls"}: one sequence per context epoch, `labels` already shifted
+    (position i predicts token i+1; -100 = no loss) on the labelled decisions; `lm_labels` the same shift on
+    every token except the decisions taken against the expert's label; `prefix_tokens` the length of the task
+    lines (with the BOS). Each call's tokens come from the same `SharedContextTokens` the inference adapter
+    uses; the assertions check that they are a prefix of the epoch's sequence and that the decision follows
+    the prompt token for token.
     """
     tokens = SharedContextTokens(tokenizer)
     calls: list[tuple[list[int], int, int, str, str]] = []  # (epoch ids, prompt end, hash of call ids, label, taken)
@@ -187,20 +165,26 @@ def encode_coop_episode(tokenizer, n_robots: int, seed: int, noise: float, rng: 
     ctx = seen[0]
     if ctx.epoch == tokens._epoch:  # the last decisions were appended after the last call: encode them too
         tokens.sync(ctx)
+    prefix = tokens.spans["task"][1]  # the same in every epoch: BOS + task + rule lines
     labels_of: dict[int, list[int]] = {}
+    lm_of: dict[int, list[int]] = {}
     epochs: dict[int, list[int]] = {}
     labelled = 0
     for seq, end, h, label, taken in calls:
         epochs.setdefault(id(seq), seq)
         lab = labels_of.setdefault(id(seq), [-100] * len(seq))
+        lm = lm_of.setdefault(id(seq), list(seq))
         assert hash(tuple(seq[:end])) == h, "a call's tokens are not a prefix of its epoch's sequence"
         target = tokenizer.encode(f" {taken}\n", add_special_tokens=False)
         assert seq[end:end + len(target)] == target, "the decision does not follow the prompt token for token"
         if taken == label:
             lab[end:end + len(target)] = target
             labelled += 1
+        else:
+            lm[end:end + len(target)] = [-100] * len(target)
     sequences = [(seq[:-1], labels_of[k][1:]) for k, seq in epochs.items()]
     return {"n_robots": n_robots, "seed": seed, "success": result["success"], "sequences": sequences,
+            "lm_labels": [lm_of[k][1:] for k in epochs], "prefix_tokens": [prefix] * len(sequences),
             "calls": len(calls), "labelled_calls": labelled}
 
 
@@ -217,6 +201,50 @@ def encode_dataset(recipe: CoopPlannerRecipe, tokenizer, config: CoopConfig) -> 
     return out
 
 
+Example = tuple[list[int], list[int], list[int], list[int]]
+"""(input ids, decision labels, language-modelling labels, position ids): one training row."""
+
+
+def whole_sequences(episodes: list[dict]) -> list[Example]:
+    return [(x, y, lm, list(range(len(x))))
+            for e in episodes for (x, y), lm in zip(e["sequences"], e["lm_labels"])]
+
+
+def windows(episodes: list[dict], width: int, overlap: int) -> list[Example]:
+    """The task lines + `width` consecutive tokens of a sequence, at their true positions (RoPE sees the same
+    offsets as over the whole sequence). Decision labels in a window's first `overlap` tokens are dropped (the
+    previous window, which overlaps it, has them with more context); the next-token target of the last task
+    token (it is not followed by the window's first token) is dropped too."""
+    out = []
+    for e in episodes:
+        for (x, y), lm, p in zip(e["sequences"], e["lm_labels"], e["prefix_tokens"]):
+            start = p
+            while start < len(x):
+                stop = min(len(x), start + width)
+                skip = 0 if start == p else overlap
+                dec = [-100] * skip + y[start + skip:stop]
+                out.append((x[:p] + x[start:stop], y[:p] + dec, lm[:p - 1] + [-100] + lm[start:stop],
+                            list(range(p)) + list(range(start, stop))))
+                if stop == len(x):
+                    break
+                start = stop - overlap
+    return out
+
+
+def collate(rows: list[Example], idx: list[int], pad_id: int):
+    n = max(len(rows[i][0]) for i in idx)
+    ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
+    dec = torch.full((len(idx), n), -100, dtype=torch.long)
+    lm = torch.full((len(idx), n), -100, dtype=torch.long)
+    pos = torch.zeros((len(idx), n), dtype=torch.long)
+    mask = torch.zeros((len(idx), n), dtype=torch.long)
+    for r, i in enumerate(idx):
+        x, y, z, p = rows[i]
+        ids[r, :len(x)], dec[r, :len(x)], lm[r, :len(x)] = torch.tensor(x), torch.tensor(y), torch.tensor(z)
+        pos[r, :len(x)], mask[r, :len(x)] = torch.tensor(p), 1
+    return ids, dec, lm, pos, mask
+
+
 # 3. training -----------------------------------------------------------------------------------------------------
 
 def build_coop_model(recipe: CoopPlannerRecipe, tokenizer):
@@ -226,10 +254,19 @@ def build_coop_model(recipe: CoopPlannerRecipe, tokenizer):
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
         num_key_value_heads=recipe.num_kv_heads, max_position_embeddings=recipe.max_positions,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        tie_word_embeddings=recipe.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(recipe.seed)
     return LlamaForCausalLM(cfg)
+
+
+def coop_optimizer(model, recipe: CoopPlannerRecipe) -> torch.optim.AdamW:
+    """AdamW, weight decay on the transformer's matrices only (not on the embeddings, norms and biases)."""
+    emb = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in emb]
+    rest = [p for p in model.parameters() if p.dim() < 2 or id(p) in emb]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
 
 
 def _data(recipe: CoopPlannerRecipe, run_dir: Path, config: CoopConfig):
@@ -258,38 +295,36 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     tokenizer, episodes = _data(recipe, run_dir, config)
-    encoded = [s for e in episodes for s in e["sequences"]]
-    w = recipe.window_tokens
-    windows = [(x[i:i + w], y[i:i + w]) for x, y in encoded for i in range(0, len(x) - w // 4, w)]
-    n_tokens = sum(len(x) for x, _ in encoded)
-    n_labels = sum(sum(1 for v in y if v != -100) for _, y in encoded)
+    pools = {0: windows(episodes, recipe.window_tokens, recipe.window_overlap),
+             recipe.window_steps: whole_sequences(episodes)}
+    encoded = pools[recipe.window_steps]
+    n_tokens = sum(len(r[0]) for r in encoded)
+    n_labels = sum(sum(1 for v in r[1] if v != -100) for r in encoded)
 
     model = build_coop_model(recipe, tokenizer)
-    opt = adamw(model, recipe.lr, recipe.weight_decay)
+    opt = coop_optimizer(model, recipe)
     rng = random.Random(recipe.seed)
     ckpt = run_dir / "checkpoint.pt"
     step, losses, train_seconds = resume(ckpt, recipe.fingerprint(), model, opt, rng)
     batches: list[list[int]] = []
     model.train()
+    ce = torch.nn.functional.cross_entropy
     with _progress() as bar:
         task = bar.add_task("coop planner BC", total=recipe.total_steps, completed=step)
         while step < recipe.total_steps:
+            pool = pools[max(s for s in pools if s <= step)]
             if step in recipe.phase_starts():
                 batches = []  # every phase regroups the data
-            pool = windows if recipe.window_start <= step < recipe.final_start else encoded
             if not batches:
                 batches = make_batches(pool, recipe.tokens_per_batch_at(step), rng)
             t0 = time.time()
-            ids, labels, mask = collate(pool, batches.pop(), tokenizer.pad_token_id)
+            ids, dec, lm, pos, mask = collate(pool, batches.pop(), tokenizer.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = recipe.lr_at(step)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-                    if bool((labels != -100).any()) else logits.sum() * 0.0)  # a batch of windows may have none
-            if step >= recipe.lm_start:  # phase 3: + next-token loss on every real token of the context
-                every = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)  # [B, n-1]
-                lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), every.flatten(), ignore_index=-100)
-                loss = loss + recipe.lm_weight * lm
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.flatten(0, 1)
+            loss = recipe.lm_weight * ce(logits, lm.flatten(), ignore_index=-100)
+            if bool((dec != -100).any()):  # a batch of windows may hold no decision
+                loss = loss + ce(logits, dec.flatten(), ignore_index=-100)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -297,7 +332,8 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
             step += 1
             train_seconds += time.time() - t0
             losses.append(round(loss.item(), 5))
-            bar.update(task, completed=step, description=f"coop planner BC loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+            bar.update(task, completed=step,
+                       description=f"coop planner BC loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
             if step % recipe.checkpoint_every == 0 or step in recipe.phase_starts() + (recipe.total_steps,):
                 save_checkpoint(ckpt, recipe.fingerprint(), model, opt, rng, step, losses, train_seconds)
 
@@ -316,7 +352,7 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
         "env_config": dataclasses.asdict(config),
         "command": command or "thrifty train coop-planner",
         "data": {"episodes": len(episodes), "sequences": len(encoded), "tokens": n_tokens,
-                 "labelled_tokens": n_labels, "calls": sum(e["calls"] for e in episodes),
+                 "labelled_tokens": n_labels, "windows": len(pools[0]), "calls": sum(e["calls"] for e in episodes),
                  "labelled_calls": sum(e["labelled_calls"] for e in episodes),
                  "expert_success_with_noise": {str(k): round(sum(e["success"] for e in es) / max(1, len(es)), 3)
                                                for k, es in by_size.items()},
@@ -324,9 +360,9 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
                           f"{EVAL_SEED_BASE} + i (disjoint)",
                  "encoding": "SharedContextTokens, the inference adapter's own encoder (asserted per call)"},
         "seed": recipe.seed,
-        "training": {"steps": step, "phase1_steps": recipe.steps, "phase_starts": list(recipe.phase_starts()), "train_seconds": round(train_seconds, 1),
-                     "wall_seconds_this_run": round(time.time() - t_start, 1), "threads": recipe.threads,
-                     "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:]))},
+        "training": {"steps": step, "phase_starts": list(recipe.phase_starts()),
+                     "train_seconds": round(train_seconds, 1), "wall_seconds_this_run": round(time.time() - t_start, 1),
+                     "threads": recipe.threads, "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:]))},
         "loss_curve_every_25": losses[::25],
         "success": {},
     }
