@@ -1,10 +1,11 @@
 """Does the planner architecture learn the mission-object binding when the context is short?
 
-    python scripts/window_probe.py [--steps 600] [--history 0]
+    python scripts/window_probe.py [--steps 600] [--history 0] [--untied]
 
 Trains the shipped planner's architecture from scratch on windows "<bos>mission\\n(last HISTORY steps)obs\\nact:"
 cut from the expert transcripts of `thrifty train planner` (GoToLocal and PickupLoc), then reports held-out
-next-action accuracy per expert label. A diagnostic for issue 2, not part of the package.
+next-action accuracy per expert label. `--untied` unties input and output embeddings and exempts them from weight
+decay (the coop planner's fix for collapsed object-word embeddings). A diagnostic for issue 2, not in the package.
 """
 
 import argparse
@@ -24,16 +25,21 @@ p.add_argument("--transcripts", default="runs/planner/transcripts-b00e42019c1499
 p.add_argument("--steps", type=int, default=600)
 p.add_argument("--history", type=int, default=0)
 p.add_argument("--batch", type=int, default=64)
+p.add_argument("--max-episodes", type=int, default=1500)
+p.add_argument("--untied", action="store_true")
 a = p.parse_args()
 torch.set_num_threads(1)
 rng = random.Random(0)
 tok = PreTrainedTokenizerFast.from_pretrained(SHIPPED_PLANNER)
 enc = lambda s: tok.encode(s, add_special_tokens=False)
-samples = []
+samples, n_episodes = [], 0
 for line in open(a.transcripts):
     e = json.loads(line)
     if e["level"] not in ("GoToLocal", "PickupLoc"):
         continue
+    n_episodes += 1
+    if n_episodes > a.max_episodes:
+        break
     for k in range(len(e["labels"])):
         lo = max(0, k - a.history)
         segs = Transcript(e["mission"], e["observations"][lo:k + 1], e["taken"][lo:k]).segments()
@@ -42,7 +48,17 @@ for line in open(a.transcripts):
 rng.shuffle(samples)
 held, train = samples[:2000], samples[2000:]
 model = build_model(PlannerRecipe(), len(tok), tok)
-opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+if a.untied:
+    from transformers import LlamaForCausalLM
+
+    model.config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model.config)
+embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+decayed = [q for q in model.parameters() if id(q) not in embeddings]
+plain = [q for q in model.parameters() if id(q) in embeddings]
+opt = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.05},
+                         {"params": plain, "weight_decay": 0.05 if not a.untied else 0.0}], lr=2e-3)
 
 
 def batch(rows):
@@ -74,5 +90,5 @@ with torch.no_grad():
         for r, q in zip(rows, pred.tolist()):
             tot[r[2]] += 1
             hits[r[2]] += q == r[1]
-print(f"history {a.history}, {len(train)} windows, {a.steps} steps: held-out accuracy "
+print(f"{'untied' if a.untied else 'tied'}, history {a.history}, {len(train)} windows, {a.steps} steps: held-out accuracy "
       f"{sum(hits.values()) / sum(tot.values()):.3f}; " + ", ".join(f"{k} {hits[k] / tot[k]:.2f} (n={tot[k]})" for k in tot))
