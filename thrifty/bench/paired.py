@@ -14,7 +14,6 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from thrifty.bench.report import wilson_interval
 
 __all__ = ["paired_difference", "paired_rows", "print_paired"]
 
