@@ -47,13 +47,7 @@ for line in open(a.transcripts):
         samples.append((ids, enc(" " + e["labels"][k])[0], e["labels"][k]))
 rng.shuffle(samples)
 held, train = samples[:2000], samples[2000:]
-model = build_model(PlannerRecipe(), len(tok), tok)
-if a.untied:
-    from transformers import LlamaForCausalLM
-
-    model.config.tie_word_embeddings = False
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(model.config)
+model = build_model(PlannerRecipe(tie_embeddings=not a.untied), len(tok), tok)
 embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
 decayed = [q for q in model.parameters() if id(q) not in embeddings]
 plain = [q for q in model.parameters() if id(q) in embeddings]

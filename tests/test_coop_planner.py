@@ -168,7 +168,7 @@ def test_training_windows_keep_true_positions_and_label_each_decision_once(coop_
     the sequence appears in exactly one window; noisy decisions carry no language-modelling target."""
     from transformers import AutoTokenizer
 
-    from thrifty.train.coop_planner import encode_coop_episode, whole_sequences, windows
+    from thrifty.train.coop_planner import encode_coop_episode, episode_windows, whole_sequences
 
     tok = AutoTokenizer.from_pretrained(str(coop_model_dir))
     eps = [encode_coop_episode(tok, k, seed=s, noise=0.3, rng=random.Random(s), config=SHORT)
@@ -179,7 +179,7 @@ def test_training_windows_keep_true_positions_and_label_each_decision_once(coop_
     for e in eps:
         p = e["prefix_tokens"][0]
         labelled = []
-        for wx, wy, wlm, wpos in windows([e], width=64, overlap=16):
+        for wx, wy, wlm, wpos in episode_windows([e], width=64, overlap=16):
             assert len(wx) == len(wy) == len(wlm) == len(wpos) <= p + 64
             assert wpos[:p] == list(range(p)) and wpos[p:] == list(range(wpos[p], wpos[p] + len(wx) - p))
             labelled += [(q, v) for q, v in zip(wpos, wy) if v != -100]

@@ -15,7 +15,7 @@ from thrifty.cli._app import comma_list, console, fail, train_app
 def train_planner_cmd(
     out: Path = typer.Option(None, help="model directory to write (default: the shipped asset's place)"),
     run_dir: Path = typer.Option(Path("runs/planner"), help="transcripts and resumable checkpoints"),
-    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps (default: the recipe's)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="phase-1 (window) optimisation steps (default: the recipe's)"),
     threads: int = typer.Option(2, min=1, help="torch threads"),
     stop_at: Optional[int] = typer.Option(None, min=1, help="stop at this step of the schedule and export"),
 ) -> None:

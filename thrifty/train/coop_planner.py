@@ -43,7 +43,8 @@ from thrifty.agents.coop import CoopConfig, collect_expert_transcript, random_de
 from thrifty.agents.coop_context import CoopContext, SharedContextTokens
 from thrifty.agents.coop_expert import expert_decision
 from thrifty.envs.babyai_text import EVAL_SEED_BASE
-from thrifty.train.planner import _cosine, _progress, make_batches, resume, save_checkpoint, train_tokenizer
+from thrifty.train.planner import _cosine, _progress, resume, save_checkpoint, train_tokenizer
+from thrifty.train.sequences import Row, adamw_plain_embeddings, collate_rows, make_batches, row_loss, whole_row, windows
 
 SHIPPED_COOP_PLANNER = Path(__file__).resolve().parent.parent / "assets" / "coop_planner"
 
@@ -201,48 +202,13 @@ def encode_dataset(recipe: CoopPlannerRecipe, tokenizer, config: CoopConfig) -> 
     return out
 
 
-Example = tuple[list[int], list[int], list[int], list[int]]
-"""(input ids, decision labels, language-modelling labels, position ids): one training row."""
+def whole_sequences(episodes: list[dict]) -> list[Row]:
+    return [whole_row(x, y, lm) for e in episodes for (x, y), lm in zip(e["sequences"], e["lm_labels"])]
 
 
-def whole_sequences(episodes: list[dict]) -> list[Example]:
-    return [(x, y, lm, list(range(len(x))))
-            for e in episodes for (x, y), lm in zip(e["sequences"], e["lm_labels"])]
-
-
-def windows(episodes: list[dict], width: int, overlap: int) -> list[Example]:
-    """The task lines + `width` consecutive tokens of a sequence, at their true positions (RoPE sees the same
-    offsets as over the whole sequence). Decision labels in a window's first `overlap` tokens are dropped (the
-    previous window, which overlaps it, has them with more context); the next-token target of the last task
-    token (it is not followed by the window's first token) is dropped too."""
-    out = []
-    for e in episodes:
-        for (x, y), lm, p in zip(e["sequences"], e["lm_labels"], e["prefix_tokens"]):
-            start = p
-            while start < len(x):
-                stop = min(len(x), start + width)
-                skip = 0 if start == p else overlap
-                dec = [-100] * skip + y[start + skip:stop]
-                out.append((x[:p] + x[start:stop], y[:p] + dec, lm[:p - 1] + [-100] + lm[start:stop],
-                            list(range(p)) + list(range(start, stop))))
-                if stop == len(x):
-                    break
-                start = stop - overlap
-    return out
-
-
-def collate(rows: list[Example], idx: list[int], pad_id: int):
-    n = max(len(rows[i][0]) for i in idx)
-    ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
-    dec = torch.full((len(idx), n), -100, dtype=torch.long)
-    lm = torch.full((len(idx), n), -100, dtype=torch.long)
-    pos = torch.zeros((len(idx), n), dtype=torch.long)
-    mask = torch.zeros((len(idx), n), dtype=torch.long)
-    for r, i in enumerate(idx):
-        x, y, z, p = rows[i]
-        ids[r, :len(x)], dec[r, :len(x)], lm[r, :len(x)] = torch.tensor(x), torch.tensor(y), torch.tensor(z)
-        pos[r, :len(x)], mask[r, :len(x)] = torch.tensor(p), 1
-    return ids, dec, lm, pos, mask
+def episode_windows(episodes: list[dict], width: int, overlap: int) -> list[Row]:
+    return [w for e in episodes for (x, y), lm, p in zip(e["sequences"], e["lm_labels"], e["prefix_tokens"])
+            for w in windows(x, y, lm, p, width, overlap)]
 
 
 # 3. training -----------------------------------------------------------------------------------------------------
@@ -258,15 +224,6 @@ def build_coop_model(recipe: CoopPlannerRecipe, tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(recipe.seed)
     return LlamaForCausalLM(cfg)
-
-
-def coop_optimizer(model, recipe: CoopPlannerRecipe) -> torch.optim.AdamW:
-    """AdamW, weight decay on the transformer's matrices only (not on the embeddings, norms and biases)."""
-    emb = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in emb]
-    rest = [p for p in model.parameters() if p.dim() < 2 or id(p) in emb]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
 
 
 def _data(recipe: CoopPlannerRecipe, run_dir: Path, config: CoopConfig):
@@ -295,20 +252,19 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     tokenizer, episodes = _data(recipe, run_dir, config)
-    pools = {0: windows(episodes, recipe.window_tokens, recipe.window_overlap),
+    pools = {0: episode_windows(episodes, recipe.window_tokens, recipe.window_overlap),
              recipe.window_steps: whole_sequences(episodes)}
     encoded = pools[recipe.window_steps]
     n_tokens = sum(len(r[0]) for r in encoded)
     n_labels = sum(sum(1 for v in r[1] if v != -100) for r in encoded)
 
     model = build_coop_model(recipe, tokenizer)
-    opt = coop_optimizer(model, recipe)
+    opt = adamw_plain_embeddings(model, recipe.lr, recipe.weight_decay)
     rng = random.Random(recipe.seed)
     ckpt = run_dir / "checkpoint.pt"
     step, losses, train_seconds = resume(ckpt, recipe.fingerprint(), model, opt, rng)
     batches: list[list[int]] = []
     model.train()
-    ce = torch.nn.functional.cross_entropy
     with _progress() as bar:
         task = bar.add_task("coop planner BC", total=recipe.total_steps, completed=step)
         while step < recipe.total_steps:
@@ -318,13 +274,10 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
             if not batches:
                 batches = make_batches(pool, recipe.tokens_per_batch_at(step), rng)
             t0 = time.time()
-            ids, dec, lm, pos, mask = collate(pool, batches.pop(), tokenizer.pad_token_id)
+            batch = collate_rows(pool, batches.pop(), tokenizer.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = recipe.lr_at(step)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.flatten(0, 1)
-            loss = recipe.lm_weight * ce(logits, lm.flatten(), ignore_index=-100)
-            if bool((dec != -100).any()):  # a batch of windows may hold no decision
-                loss = loss + ce(logits, dec.flatten(), ignore_index=-100)
+            loss = row_loss(model, batch, recipe.lm_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -5,8 +5,12 @@ Reads top to bottom:
    *taken* instead of the expert's, so the data shows how to recover, while the label stays the expert's action;
 2. train a byte-level BPE tokenizer on the transcripts' text;
 3. encode each whole episode as one sequence (mission, then every observation and action; contexts reach 1-2k
-   tokens on the multi-room level) with labels only on the action tokens;
-4. train the Llama with AdamW and a cosine schedule, checkpointing so an interrupted run resumes;
+   tokens on the multi-room level): decision labels on the action tokens (the expert's word), language-modelling
+   labels on every other token (the taken action words are not targets: under DART noise they are random);
+4. train the Llama (untied embeddings, not weight-decayed) with AdamW, checkpointing so an interrupted run
+   resumes, in three phases: 1 short windows (mission + `window_tokens` consecutive tokens at their true
+   positions, `thrifty.train.sequences`), so the attention learns to bind the mission's object to the newest
+   observation before it must find it among 2k tokens; 2 whole episodes; 3 optional DAgger rounds;
 5. save a Hugging Face model directory (safetensors, tokenizer) plus `card.json` saying how it was made.
 
 Closed-loop success is measured afterwards by `thrifty bench planner` (see README) and written into the card.
@@ -26,8 +30,9 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from thrifty.agents.transcript import Transcript
+from thrifty.agents.transcript import Transcript, mission_segment
 from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv, LEVELS, train_seed
+from thrifty.train.sequences import Row, adamw_plain_embeddings, collate_rows, make_batches, row_loss, whole_row, windows
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
 
@@ -53,18 +58,27 @@ class PlannerRecipe:
     max_positions: int = 4096
     """RoPE positions the model accepts; training sequences are cut at `max_train_tokens`"""
     max_train_tokens: int = 2048
-    tokens_per_batch: int = 8_000
-    """padded tokens per optimisation step"""
-    steps: int = 700
+    tokens_per_batch: int = 3_500
+    """padded tokens per phase-1 optimisation step"""
+    tie_embeddings: bool = False
+    """untied, and no weight decay on either embedding: tied, decayed ones collapsed the object-type words (mean
+    cosine 0.75) and the planner never bound the mission's object to the observation (README, issue 2)"""
+    lm_weight: float = 0.25
+    """weight of the language-modelling loss on the non-decision tokens, next to the decision loss"""
+    window_tokens: int = 256
+    """phase 1 rows: the mission line + this many consecutive tokens of an episode"""
+    window_overlap: int = 64
+    """consecutive windows overlap by this much; each decision label is trained in exactly one window"""
+    steps: int = 1400
+    """phase 1 (windows) optimisation steps"""
     lr: float = 2e-3
     warmup_steps: int = 50
     weight_decay: float = 0.05
-    finetune_steps: int = 1200
-    """phase 2: more, smaller steps after `steps` (phase 1 alone learned the format and the action marginals,
-    ~65% per-step agreement with the expert; more optimizer updates per CPU-second is what helps)"""
+    finetune_steps: int = 500
+    """phase 2: whole episodes after `steps` of windows"""
     finetune_tokens_per_batch: int = 2_500
     finetune_lr: float = 1e-3
-    dagger_rounds: int = 3
+    dagger_rounds: int = 0
     """phase 3: DAgger rounds (`thrifty.train.dagger`): the planner plays fresh training seeds, the expert labels
     every state it visits, and training continues on expert + DAgger episodes"""
     dagger_episodes_per_level: int = 50
@@ -197,35 +211,21 @@ def encode_episode(tokenizer, episode: dict, max_tokens: int) -> tuple[list[int]
     return ids[:-1], labels[1:]
 
 
-def make_batches(encoded: list[tuple[list[int], list[int]]], tokens_per_batch: int,
-                 rng: random.Random) -> list[list[int]]:
-    """Group sequences of similar length so each padded batch holds about `tokens_per_batch` tokens."""
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    batches, cur, cur_max = [], [], 0
-    for i in order:
-        n = len(encoded[i][0])
-        if cur and max(cur_max, n) * (len(cur) + 1) > tokens_per_batch:
-            batches.append(cur)
-            cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, n)
-    if cur:
-        batches.append(cur)
-    rng.shuffle(batches)
-    return batches
+def training_sequence(tokenizer, episode: dict, max_tokens: int) -> tuple[list[int], list[int], list[int], int]:
+    """`encode_episode` plus language-modelling labels (every next token except the action words and their
+    newline) and the length of the task lines (BOS + mission), which every phase-1 window keeps."""
+    ids, labels = encode_episode(tokenizer, episode, max_tokens)
+    # labels[i] is the target of position i (ids[i + 1]); the last target lies past the input, unknown here
+    lm = [-100 if d != -100 else t for t, d in zip(ids[1:] + [-100], labels)]
+    prefix = 1 + len(tokenizer.encode(mission_segment(episode["mission"]), add_special_tokens=False))
+    return ids, labels, lm, prefix
 
 
-def collate(encoded, idx: list[int], pad_id: int):
-    n = max(len(encoded[i][0]) for i in idx)
-    ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(idx), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(idx), n), dtype=torch.long)
-    for r, i in enumerate(idx):
-        x, y = encoded[i]
-        ids[r, : len(x)] = torch.tensor(x)
-        labels[r, : len(y)] = torch.tensor(y)
-        mask[r, : len(x)] = 1
-    return ids, labels, mask
+def training_rows(sequences, recipe: PlannerRecipe, phase: str) -> list[Row]:
+    """Phase "windows" cuts every sequence into windows; "whole" keeps them whole."""
+    if phase == "whole":
+        return [whole_row(x, y, lm) for x, y, lm, _ in sequences]
+    return [w for x, y, lm, p in sequences for w in windows(x, y, lm, p, recipe.window_tokens, recipe.window_overlap)]
 
 
 # 4. training -----------------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def build_model(recipe: PlannerRecipe, vocab_size: int, tokenizer):
         vocab_size=vocab_size, hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
         num_key_value_heads=recipe.num_kv_heads, max_position_embeddings=recipe.max_positions,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=recipe.tie_embeddings, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(recipe.seed)
     return LlamaForCausalLM(cfg)
@@ -272,14 +272,6 @@ def tokens_per_batch_at(recipe: PlannerRecipe, step: int) -> int:
     if step < recipe.steps:
         return recipe.tokens_per_batch
     return recipe.finetune_tokens_per_batch if dagger_round_at(recipe, step) is None else recipe.dagger_tokens_per_batch
-
-
-def adamw(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms and biases)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
 def resume(ckpt: Path, fingerprint: str, model, opt, rng: random.Random) -> tuple[int, list[float], float]:
@@ -337,41 +329,41 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
     episodes = collect_transcripts(recipe, run_dir / f"transcripts-{recipe.data_fingerprint()}.jsonl")
     texts = [Transcript(e["mission"], e["observations"], e["taken"]).text() for e in episodes]
     tokenizer = train_tokenizer(texts, recipe.vocab_size)
-    encoded = [encode_episode(tokenizer, e, recipe.max_train_tokens) for e in episodes]
-    n_tokens = sum(len(x) for x, _ in encoded)
-    n_labels = sum(sum(1 for v in y if v != -100) for _, y in encoded)
+    sequences = [training_sequence(tokenizer, e, recipe.max_train_tokens) for e in episodes]
+    n_tokens = sum(len(s[0]) for s in sequences)
+    n_labels = sum(sum(1 for v in s[1] if v != -100) for s in sequences)
+    window_rows, whole_rows = training_rows(sequences, recipe, "windows"), training_rows(sequences, recipe, "whole")
 
     model = build_model(recipe, len(tokenizer), tokenizer)
-    opt = adamw(model, recipe.lr, recipe.weight_decay)
+    opt = adamw_plain_embeddings(model, recipe.lr, recipe.weight_decay)
     rng = random.Random(recipe.seed)
     ckpt = run_dir / "checkpoint.pt"
     step, losses, train_seconds = resume(ckpt, recipe.fingerprint(), model, opt, rng)
     batches: list[list[int]] = []
-    pool = encoded  # what batches are drawn from: expert transcripts, then + DAgger episodes
+    pool = window_rows if step < recipe.steps else whole_rows  # then + DAgger episodes in phase 3
     dagger: dict[int, dict] = {}
     model.train()
     with _progress() as bar:
         task = bar.add_task("planner BC", total=recipe.total_steps, completed=step)
         while step < last:
             if step == recipe.steps:
-                batches = []  # phase 2 regroups the data into smaller batches
+                pool, batches = whole_rows, []  # phase 2: whole episodes
             r = dagger_round_at(recipe, step)
             if r is not None and r not in dagger:  # phase 3: (re)load or collect rounds 0..r, then regroup
                 for k in range(r + 1):
                     if k not in dagger:
                         dagger[k] = _dagger_round(recipe, model, tokenizer, k, run_dir, bar)
-                extra = [encode_episode(tokenizer, e, recipe.max_train_tokens)
-                         for k in sorted(dagger) for e in dagger[k]["episodes"]]
-                pool = encoded + extra * recipe.dagger_repeat
+                extra = training_rows([training_sequence(tokenizer, e, recipe.max_train_tokens)
+                                       for k in sorted(dagger) for e in dagger[k]["episodes"]], recipe, "whole")
+                pool = whole_rows + extra * recipe.dagger_repeat
                 batches = []
             if not batches:
                 batches = make_batches(pool, tokens_per_batch_at(recipe, step), rng)
             t0 = time.time()
-            ids, labels, mask = collate(pool, batches.pop(), tokenizer.pad_token_id)
+            batch = collate_rows(pool, batches.pop(), tokenizer.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = lr_at(recipe, step)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = row_loss(model, batch, recipe.lm_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -395,6 +387,7 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
         "recipe": dataclasses.asdict(recipe),
         "command": command or "thrifty train planner",
         "data": {"episodes": len(episodes), "tokens": n_tokens, "labelled_tokens": n_labels,
+                 "windows": len(window_rows),
                  "episodes_per_level": {lv: recipe.episodes_per_level[lv] for lv in recipe.levels},
                  "expert_success": sum(e["success"] for e in episodes) / len(episodes),
                  "seeds": "training seeds 0..n-1 per level; evaluation uses seeds >= 1e9 (disjoint)"},

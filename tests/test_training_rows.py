@@ -1,0 +1,64 @@
+"""Training rows shared by the planner recipes (`thrifty.train.sequences`) and the single-agent planner's encoding."""
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from thrifty.train.sequences import collate_rows, make_batches, whole_row, windows
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 300), prefix=st.integers(1, 20), width=st.integers(2, 64), data=st.data())
+def test_windows_keep_true_positions_and_label_each_decision_once(n, prefix, width, data):
+    prefix = min(prefix, n - 1)
+    overlap = data.draw(st.integers(0, width - 1))
+    ids = list(range(1000, 1000 + n))
+    labelled = set(data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n)))
+    labels = [7 if i in labelled else -100 for i in range(n)]
+    lm = [i + 1 for i in range(n)]
+    seen = []
+    for x, y, z, pos in windows(ids, labels, lm, prefix, width, overlap):
+        assert len(x) == len(y) == len(z) == len(pos) <= prefix + width
+        assert [ids[p] for p in pos] == x  # every token sits at its true position
+        assert pos[:prefix] == list(range(prefix))
+        assert z[prefix - 1] == -100  # the task's last token is not followed by its true successor here
+        seen += [p for p, v in zip(pos, y) if v != -100 and p >= prefix]
+    assert sorted(seen) == sorted(i for i in labelled if i >= prefix)
+
+
+def test_windows_reject_an_overlap_as_wide_as_the_window():
+    with pytest.raises(ValueError, match="overlap"):
+        windows([1, 2, 3], [-100] * 3, [-100] * 3, 1, width=4, overlap=4)
+
+
+def test_batches_cover_every_row_once_and_collate_pads_right():
+    rows = [whole_row(list(range(k)), [-100] * k, [1] * k) for k in (3, 5, 9, 2, 7)]
+    batches = make_batches(rows, tokens_per_batch=10, rng=random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(5))
+    ids, dec, lm, pos, mask = collate_rows(rows, [0, 2], pad_id=0)
+    assert ids.shape == (2, 9) and mask[0].tolist() == [1, 1, 1] + [0] * 6 and lm[0, 3:].eq(-100).all()
+
+
+def test_planner_sequences_label_actions_and_model_the_rest(tiny_planner_dir):
+    """Decision labels are the expert's action words (+ newline); the language-modelling labels cover every other
+    next token and never an action word (under DART noise the taken word is random); the prefix is BOS + mission."""
+    from thrifty.agents.transcript import mission_segment
+    from thrifty.train.planner import PlannerRecipe, collect_episode, training_rows, training_sequence
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_planner_dir))
+    ep = collect_episode("GoToLocal", 3, noise=0.5, rng=random.Random(1))
+    ids, labels, lm, prefix = training_sequence(tok, ep, 4096)
+    assert tok.decode(ids[:prefix]) == "<bos>" + mission_segment(ep["mission"])
+    for i, (d, m) in enumerate(zip(labels, lm)):
+        assert d == -100 or m == -100  # never both
+        if d == -100 and i + 1 < len(ids):
+            assert m == ids[i + 1]
+    actions = [tok.decode([t]).strip() for t in labels if t != -100 and tok.decode([t]).strip()]
+    assert actions == ep["labels"]
+    recipe = PlannerRecipe(window_tokens=32, window_overlap=8)
+    rows = training_rows([(ids, labels, lm, prefix)], recipe, "windows")
+    assert sum(v != -100 for r in rows for v in r[1]) == sum(v != -100 for v in labels)
