@@ -185,3 +185,40 @@ def test_training_windows_keep_true_positions_and_label_each_decision_once(coop_
             labelled += [(q, v) for q, v in zip(wpos, wy) if v != -100]
         (sx, sy, _, _), = whole_sequences([e])
         assert sorted(labelled) == [(q, v) for q, v in enumerate(sy) if v != -100]
+
+
+def test_coop_dagger_rows_label_the_expert_at_true_positions_and_resume(coop_model_dir, tmp_path):
+    """A DAgger round: every call the planner got wrong becomes a row whose decision label is the expert's and whose
+    tokens sit at their positions in the call; a second collection over the same file replays nothing."""
+    from thrifty.agents.coop_planner import CoopPlanner
+    from thrifty.techniques import build
+    from thrifty.train.coop_dagger import agreement, collect_coop_dagger_round, dagger_row
+
+    row = dagger_row(list(range(100, 120)), prefix=3, label_ids=[7, 8], window_tokens=5)
+    assert row["ids"] == [100, 101, 102, 115, 116, 117, 118, 119, 7]
+    assert row["positions"] == [0, 1, 2, 15, 16, 17, 18, 19, 20]
+    assert row["labels"] == [-100] * 7 + [7, 8]
+
+    planner = CoopPlanner.load(coop_model_dir, build("prefix_reuse", store_bytes=0))
+    path = tmp_path / "r0.jsonl"
+    eps = collect_coop_dagger_round(planner, [2], 2, 0, path, window_tokens=64, keep_agreeing=1, config=SHORT)
+    assert len(eps) == 2 and all(e["calls"] > 0 for e in eps)
+    assert sum(len(e["rows"]) for e in eps) == sum(e["calls"] for e in eps)  # keep_agreeing=1 keeps every call
+    tok = planner.tokenizer
+    for e in eps:
+        for r in e["rows"]:
+            target = tok.decode([t for t in r["labels"] if t != -100])
+            assert target.endswith("\n") and r["positions"] == sorted(r["positions"])
+    assert 0.0 <= agreement(eps) <= 1.0
+    before = path.read_text()
+    again = collect_coop_dagger_round(planner, [2], 2, 0, path, window_tokens=64, keep_agreeing=1, config=SHORT)
+    assert path.read_text() == before and again == eps
+
+
+def test_coop_recipe_dagger_phase_keeps_the_checkpoint_fingerprint():
+    from thrifty.train.coop_planner import CoopPlannerRecipe
+
+    r = CoopPlannerRecipe(window_steps=10, final_steps=10, dagger_rounds=2, dagger_steps=5)
+    assert r.total_steps == 30 and r.phase_starts() == (0, 10, 20, 25)
+    assert [r.dagger_round_at(s) for s in (19, 20, 24, 25, 29)] == [None, 0, 0, 1, 1]
+    assert CoopPlannerRecipe(dagger_rounds=0).fingerprint() == CoopPlannerRecipe().fingerprint()

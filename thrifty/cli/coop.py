@@ -18,10 +18,11 @@ def train_coop_planner_cmd(
     steps: Optional[int] = typer.Option(None, min=1, help="phase 1 (window) steps (default: the recipe's)"),
     final_steps: Optional[int] = typer.Option(None, min=1, help="phase 2 (whole-sequence) steps (default: the recipe's)"),
     episodes: Optional[int] = typer.Option(None, min=1, help="expert episodes per team size (default: the recipe's)"),
+    dagger_rounds: Optional[int] = typer.Option(None, min=0, help="phase 3 DAgger rounds (default: the recipe's)"),
     threads: int = typer.Option(1, min=1, help="torch threads"),
     measure: int = typer.Option(10, min=0, help="evaluation episodes per team size for the card (0: skip)"),
 ) -> None:
-    """Rebuild the CoopGrid planner (behaviour cloning on expert episodes, K = 2, 4, 8); resumes from RUN_DIR,
+    """Rebuild the CoopGrid planner (behaviour cloning on expert episodes, K = 2, 4, 8, then DAgger rounds); resumes from RUN_DIR,
     then measures closed-loop success per team size against the expert's and writes it into the card."""
     from thrifty.train.coop_planner import SHIPPED_COOP_PLANNER, CoopPlannerRecipe, train_coop_planner
 
@@ -32,6 +33,8 @@ def train_coop_planner_cmd(
         recipe.final_steps = final_steps
     if episodes:
         recipe.episodes_per_size = episodes
+    if dagger_rounds is not None:
+        recipe.dagger_rounds = dagger_rounds
     path = train_coop_planner(recipe, out or SHIPPED_COOP_PLANNER, run_dir,
                               command="thrifty " + " ".join(sys.argv[1:]))
     console.print(f"coop planner written to {path}")

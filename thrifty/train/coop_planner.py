@@ -88,30 +88,53 @@ class CoopPlannerRecipe:
     """phase 2: whole sequences"""
     final_tokens_per_batch: int = 3500
     final_lr: float = 5e-4
+    dagger_rounds: int = 2
+    """phase 3: DAgger rounds (`thrifty.train.coop_dagger`): the planner plays fresh training seeds, the expert
+    labels its calls; each round then trains `dagger_steps` on the whole sequences + the DAgger rows"""
+    dagger_episodes_per_size: int = 16
+    dagger_steps: int = 250
+    dagger_lr: float = 5e-4
+    dagger_repeat: int = 3
+    """DAgger rows enter the batch pool this many times"""
+    dagger_keep_agreeing: int = 4
+    """of the calls the planner got right, one in this many becomes a row (all wrong ones do)"""
     seed: int = 0
     checkpoint_every: int = 25
     threads: int = 1
 
     @property
     def total_steps(self) -> int:
-        return self.window_steps + self.final_steps
+        return self.window_steps + self.final_steps + self.dagger_rounds * self.dagger_steps
+
+    def dagger_start(self, round_idx: int) -> int:
+        return self.window_steps + self.final_steps + round_idx * self.dagger_steps
+
+    def dagger_round_at(self, step: int) -> int | None:
+        """The DAgger round that `step` belongs to, or None before phase 3."""
+        if step < self.dagger_start(0) or not self.dagger_rounds:
+            return None
+        return min((step - self.dagger_start(0)) // self.dagger_steps, self.dagger_rounds - 1)
 
     def phase_starts(self) -> tuple[int, ...]:
-        return (0, self.window_steps)
+        return (0, self.window_steps) + tuple(self.dagger_start(r) for r in range(self.dagger_rounds))
 
     def lr_at(self, step: int) -> float:
-        """Each phase: warm-up then cosine to 5% of its peak."""
+        """Each phase (and each DAgger round): warm-up then cosine to 5% of its peak."""
         if step < self.window_steps:
             return _cosine(self.lr, step, self.warmup_steps, self.window_steps)
-        return _cosine(self.final_lr, step - self.window_steps, 20, self.final_steps)
+        r = self.dagger_round_at(step)
+        if r is None:
+            return _cosine(self.final_lr, step - self.window_steps, 20, self.final_steps)
+        return _cosine(self.dagger_lr, step - self.dagger_start(r), 20, self.dagger_steps)
 
     def tokens_per_batch_at(self, step: int) -> int:
         return self.window_tokens_per_batch if step < self.window_steps else self.final_tokens_per_batch
 
     def fingerprint(self) -> str:
-        """Identifies a training run (`threads` and `checkpoint_every` never matter)."""
+        """Identifies a training run (`threads` and `checkpoint_every` never matter; the DAgger fields may change
+        without losing the checkpoint of phases 1-2)."""
         data = dataclasses.asdict(self)
-        for k in ("threads", "checkpoint_every"):
+        for k in ["threads", "checkpoint_every"] + [k for k in data if k.startswith("dagger_")]:
             data.pop(k)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -243,6 +266,29 @@ def _data(recipe: CoopPlannerRecipe, run_dir: Path, config: CoopConfig):
     return tokenizer, episodes
 
 
+def _dagger_round(recipe: CoopPlannerRecipe, model, tokenizer, round_idx: int, run_dir: Path, bar) -> dict:
+    """Collect DAgger round `round_idx` with the current weights (cached per round in `run_dir`)."""
+    from thrifty.agents.coop_planner import EVAL_CONFIG, CoopPlanner
+    from thrifty.backbones import HFDecoder
+    from thrifty.techniques import build
+    from thrifty.train.coop_dagger import agreement, collect_coop_dagger_round
+
+    path = run_dir / f"dagger-{recipe.fingerprint()}-r{round_idx}.jsonl"
+    model.eval()
+    planner = CoopPlanner(HFDecoder.from_model(model), tokenizer, build("prefix_reuse", store_bytes=0))
+    with torch.no_grad():
+        episodes = collect_coop_dagger_round(planner, recipe.team_sizes, recipe.dagger_episodes_per_size, round_idx,
+                                             path, recipe.window_tokens, recipe.dagger_keep_agreeing, EVAL_CONFIG,
+                                             progress=bar)
+    model.train()
+    by_size = {k: [e for e in episodes if e["n_robots"] == k] for k in recipe.team_sizes}
+    return {"round": round_idx, "episodes": episodes, "file": path.name,
+            "planner_success": {str(k): round(sum(e["success"] for e in es) / max(1, len(es)), 3)
+                                for k, es in by_size.items()},
+            "planner_expert_agreement": {str(k): round(agreement(es), 4) for k, es in by_size.items()},
+            "rows": sum(len(e["rows"]) for e in episodes)}
+
+
 def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, command: str = "",
                        config: CoopConfig | None = None) -> Path:
     """Run the recipe; resumes from `run_dir/checkpoint.pt` when its fingerprint matches. Returns `out_dir`."""
@@ -264,10 +310,20 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
     ckpt = run_dir / "checkpoint.pt"
     step, losses, train_seconds = resume(ckpt, recipe.fingerprint(), model, opt, rng)
     batches: list[list[int]] = []
+    dagger: dict[int, dict] = {}
     model.train()
     with _progress() as bar:
         task = bar.add_task("coop planner BC", total=recipe.total_steps, completed=step)
         while step < recipe.total_steps:
+            r = recipe.dagger_round_at(step)
+            if r is not None and r not in dagger:  # phase 3: (re)load or collect rounds 0..r, then regroup
+                for k in range(r + 1):
+                    if k not in dagger:
+                        dagger[k] = _dagger_round(recipe, model, tokenizer, k, run_dir, bar)
+                rows = [(d["ids"], d["labels"], [-100] * len(d["ids"]), d["positions"])
+                        for k in sorted(dagger) for e in dagger[k]["episodes"] for d in e["rows"]]
+                pools[recipe.dagger_start(r)] = pools[recipe.window_steps] + rows * recipe.dagger_repeat
+                batches = []
             pool = pools[max(s for s in pools if s <= step)]
             if step in recipe.phase_starts():
                 batches = []  # every phase regroups the data
@@ -316,6 +372,7 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
         "training": {"steps": step, "phase_starts": list(recipe.phase_starts()),
                      "train_seconds": round(train_seconds, 1), "wall_seconds_this_run": round(time.time() - t_start, 1),
                      "threads": recipe.threads, "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:]))},
+        "dagger": [{k: v for k, v in dagger[r].items() if k != "episodes"} for r in sorted(dagger)],
         "loss_curve_every_25": losses[::25],
         "success": {},
     }
