@@ -35,7 +35,7 @@ def scorer(d=64, layers=(1, 2, 3)):
 
 def technique(name, **kw):
     t = build(name, **kw)
-    if name == "token_pruning" and t.keep_ratio < 1.0:
+    if name == "token_pruning" and not t.is_noop:
         t.use_scorer(scorer())
     return t
 
@@ -308,3 +308,29 @@ def test_weights_probe_without_bind(tmp_path, monkeypatch):
         prefill(TokenPruning(keep_ratio=0.5), ctx, backbone(seed=1))
     with pytest.raises(PrunerMismatchError, match="not for this backbone"):
         TokenPruning(keep_ratio=0.5).bind(backbone(seed=1))
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_token_cap_bounds_every_layer_and_stays_count_matched(name):
+    """max_kept caps the prunable tokens that survive each prune layer, for every technique alike; a cap above the
+    schedule's counts changes nothing; keep_ratio 1.0 with a cap is a pure token budget, not the no-op."""
+    ctx = context(n=120)
+    capped = [w.queries for w in prefill(technique(name, keep_ratio=0.6, max_kept=10), ctx)[1].works]
+    ref = [w.queries for w in prefill(technique("recency_pruning", keep_ratio=0.6, max_kept=10), ctx)[1].works]
+    assert capped == ref
+    t = technique(name, keep_ratio=0.6, max_kept=10)
+    prefill(t, ctx)
+    rep = t.report()
+    assert rep["kept"] == [min(k, 10) for k in keep_counts(rep["prunable"], rep["protected"], (1, 2, 3), N_LAYERS,
+                                                              "compound", 0.6)[0]]
+    assert capped[2:] == [rep["protected"] + k for k in rep["kept"] + rep["kept"][-1:]]  # layers 2-5
+    loose = [w.queries for w in prefill(technique(name, keep_ratio=0.6, max_kept=10_000), ctx)[1].works]
+    assert loose == [w.queries for w in prefill(technique(name, keep_ratio=0.6), ctx)[1].works]
+    budget = technique(name, keep_ratio=1.0, max_kept=10)
+    assert not budget.is_noop and [w.queries for w in prefill(budget, ctx)[1].works][-1] < 120
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "8"])
+def test_token_cap_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="max_kept"):
+        build("random_pruning", keep_ratio=0.6, max_kept=bad)

@@ -2,16 +2,18 @@
 
 Configurations (`coop_configs`): the expert team (success reference, no model), the full planner, prefix reuse
 alone (exact: same decisions as full, only the new tokens are computed), and learned token pruning with its two
-count-matched baselines (random, recency) at one keep ratio. Every pruning configuration protects the task, the
-calling robot's role line and its own latest observation (`COOP_PROTECT`) and prunes after the same layers, so
-the three process the same number of tokens in every layer of every call.
+count-matched baselines (random, recency) at one keep ratio; with `max_kept`, the three again under that token cap
+(a budget: the deep layers' cost per call stops growing with the context). Every pruning configuration protects
+the task, the calling robot's role line and its own latest observation (`COOP_PROTECT`) and prunes after the same
+layers, so the three process the same number of tokens in every layer of every call.
 
 One job = one episode of (configuration, team size K, evaluation seed 1e9 + i); the level field of a results
 line is "K<k>". Episodes stop after 20 rounds (`EVAL_CONFIG`, 1.5x the expert's longest). Jobs run episode index first, so an interrupted run is balanced across configurations; rerunning
 resumes (`ResultsFile`, `run_jobs`).
 
 Per (configuration, K) the table reports success with its 95% Wilson interval, context tokens per call, tokens
-per round (the K calls of a round), FLOPs per call and per round (analytic, prefill + decode), latency per call
+per round (the K calls of a round), FLOPs per call (and its ratio to the same configuration's at the smallest K:
+how cost per call grows with K) and per round (analytic, prefill + decode), latency per call
 (median) and malformed outputs per call. Plots: FLOPs per round against K, success against K.
 """
 
@@ -56,15 +58,19 @@ class CoopBenchConfig:
 
 
 def coop_configs(keep_ratio: float = KEEP_RATIO, pruner: str | Path | None = None,
-                 layers: tuple[int, ...] = PRUNE_LAYERS) -> tuple[CoopBenchConfig, ...]:
-    """expert, full, prefix_reuse, token_pruning / random_pruning / recency_pruning at `keep_ratio`."""
+                 layers: tuple[int, ...] = PRUNE_LAYERS, max_kept: int | None = None) -> tuple[CoopBenchConfig, ...]:
+    """expert, full, prefix_reuse, token_pruning / random_pruning / recency_pruning at `keep_ratio`; with
+    `max_kept`, the three again with that token cap ("@0.6/cap256"), so cost per call stops growing with K."""
     pruning = {"keep_ratio": keep_ratio, "layers": list(layers), "protect": list(COOP_PROTECT)}
     pruner = str(pruner) if pruner else str(SHIPPED_COOP_PRUNER)
-    return (CoopBenchConfig("expert", None), CoopBenchConfig("full", "full"),
-            CoopBenchConfig("prefix_reuse", "prefix_reuse", {"store_bytes": 0}),
-            CoopBenchConfig(f"token_pruning@{keep_ratio:g}", "token_pruning", {**pruning, "pruner": pruner}),
-            CoopBenchConfig(f"random_pruning@{keep_ratio:g}", "random_pruning", pruning),
-            CoopBenchConfig(f"recency_pruning@{keep_ratio:g}", "recency_pruning", pruning))
+    out = [CoopBenchConfig("expert", None), CoopBenchConfig("full", "full"),
+           CoopBenchConfig("prefix_reuse", "prefix_reuse", {"store_bytes": 0})]
+    for suffix, extra in [("", {})] + ([(f"/cap{max_kept}", {"max_kept": max_kept})] if max_kept is not None else []):
+        settings = {**pruning, **extra}
+        out += [CoopBenchConfig(f"token_pruning@{keep_ratio:g}{suffix}", "token_pruning", {**settings, "pruner": pruner}),
+                CoopBenchConfig(f"random_pruning@{keep_ratio:g}{suffix}", "random_pruning", settings),
+                CoopBenchConfig(f"recency_pruning@{keep_ratio:g}{suffix}", "recency_pruning", settings)]
+    return tuple(out)
 
 
 def coop_jobs(configs: Sequence[CoopBenchConfig], episodes: int = EPISODES,
@@ -122,8 +128,8 @@ def coop_episode_fn(configs: Sequence[CoopBenchConfig], model_dir: str | Path = 
 # --- summary, table, plots -------------------------------------------------------------------------------------------
 
 COOP_ROW_FIELDS = ("config", "n_robots", "episodes", "success", "success_lo", "success_hi", "rounds",
-                   "tokens_per_call", "tokens_per_round", "flops_per_call", "flops_per_round", "latency_per_call_s",
-                   "malformed_per_call")
+                   "tokens_per_call", "tokens_per_round", "flops_per_call", "flops_growth", "flops_per_round",
+                   "latency_per_call_s", "malformed_per_call")
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -153,6 +159,12 @@ def summarize_coop(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
             "latency_per_call_s": statistics.median(e["wall_median_s"] for e in model) if model else None,
             "malformed_per_call": sum(e["malformed"] for e in eps) / calls if calls else None,
         })
+    base: dict[str, float] = {}  # FLOPs per call at the config's smallest K (rows are K-ascending per config)
+    for row in rows:
+        fpc = row["flops_per_call"]
+        if fpc and row["config"] not in base:
+            base[row["config"]] = fpc
+        row["flops_growth"] = fpc / base[row["config"]] if fpc and row["config"] in base else None
     return rows
 
 
@@ -164,7 +176,7 @@ def print_coop_table(rows: Sequence[Mapping[str, Any]], console: Any = None, tit
     console = console or Console(width=160)
     table = Table(title=title, box=box.SIMPLE_HEAVY)
     for name in ("config", "K", "episodes", "success [95% CI]", "rounds", "tokens/call", "tokens/round",
-                 "FLOPs/call", "FLOPs/round", "latency/call", "malformed"):
+                 "FLOPs/call", "x smallest K", "FLOPs/round", "latency/call", "malformed"):
         table.add_column(name, justify="left" if name == "config" else "right", no_wrap=True)
 
     def num(v, spec):
@@ -175,7 +187,8 @@ def print_coop_table(rows: Sequence[Mapping[str, Any]], console: Any = None, tit
         table.add_row(str(r["config"]), str(r["n_robots"]), str(r["episodes"]),
                       f"{r['success']:.2f} [{r['success_lo']:.2f}, {r['success_hi']:.2f}]", num(r["rounds"], ".1f"),
                       num(r["tokens_per_call"], ".0f"), num(r["tokens_per_round"], ".0f"),
-                      format_flops(r["flops_per_call"]), format_flops(r["flops_per_round"]),
+                      format_flops(r["flops_per_call"]), num(r.get("flops_growth"), ".2f"),
+                      format_flops(r["flops_per_round"]),
                       "–" if lat is None else f"{lat * 1e3:.1f} ms", num(r["malformed_per_call"], ".1%"))
     console.print(table)
     return table

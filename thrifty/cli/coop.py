@@ -86,6 +86,8 @@ def bench_coop_cmd(
     keep_ratio: float = typer.Option(0.6, help="keep ratio of the pruning configurations (count-matched)"),
     model: Optional[Path] = typer.Option(None, help="coop planner directory (default: the shipped one)"),
     pruner: Optional[Path] = typer.Option(None, help="token_pruning checkpoint (default: the shipped coop pruner)"),
+    max_kept: Optional[int] = typer.Option(None, min=0, help="also run the three pruning configurations with this "
+                                           "token cap (prunable tokens kept per prune layer)"),
     config: Optional[list[str]] = typer.Option(None, help="run only these configurations (repeatable)"),
     threads: int = typer.Option(1, min=1, help="torch threads"),
 ) -> None:
@@ -108,7 +110,7 @@ def bench_coop_cmd(
         HFDecoder.check_dir(model_dir)
     except ModelLoadError as e:
         fail(f"{e} (rebuild the coop planner with `thrifty train coop-planner`)")
-    configs = coop_configs(keep_ratio, pruner)
+    configs = coop_configs(keep_ratio, pruner, max_kept=max_kept)
     if config:
         unknown = [c for c in config if c not in {x.name for x in configs}]
         if unknown:

@@ -161,6 +161,10 @@ class PruningTechnique(Technique):
     """the newest positions of the context, never dropped (>= 1: the last token's logits are needed)"""
     protect: tuple[str, ...] = ("mission", "observation")
     """context spans never dropped (names of DecisionContext.spans)"""
+    max_kept: int | None = None
+    """token budget: at most this many prunable tokens survive any prune layer (None: no cap). With a cap, the
+    deep layers' cost per call stops growing with the context (only the protected spans and the layers before
+    the first prune layer still grow); every technique gets the same capped counts"""
 
     def __post_init__(self) -> None:
         self._report: dict[str, Any] = {}
@@ -182,15 +186,24 @@ class PruningTechnique(Technique):
         if self.recent_tokens < 1:
             raise ValueError(f"recent_tokens must be >= 1 (the final token is needed for the logits), "
                              f"got {self.recent_tokens}")
+        if self.max_kept is not None:
+            if isinstance(self.max_kept, bool) or not isinstance(self.max_kept, numbers.Integral) or self.max_kept < 0:
+                raise ValueError(f"max_kept must be a whole number >= 0 (or None for no cap), got {self.max_kept!r}")
+            self.max_kept = int(self.max_kept)
         if isinstance(self.protect, str):
             self.protect = (self.protect,)
         self.protect = tuple(self.protect)
         unknown = [p for p in self.protect if p not in SPAN_NAMES]
         if unknown:
             raise ValueError(f"protect names unknown spans {unknown}; known spans: {', '.join(SPAN_NAMES)}")
-        if self.keep_ratio == 1.0:
+        if self.is_noop:
             warnings.warn(f"{self.name}: keep_ratio=1.0 drops nothing; this is the no-op setting", PruningNoOpWarning,
                           stacklevel=3)
+
+    @property
+    def is_noop(self) -> bool:
+        """True when this setting can never drop a token (keep_ratio 1.0 and no token cap)."""
+        return self.keep_ratio == 1.0 and self.max_kept is None
 
     # ------------------------------------------------------------------ what subclasses choose
     def preference(self, ctx: DecisionContext, layer: int, hidden: torch.Tensor, positions: torch.Tensor,
@@ -217,7 +230,7 @@ class PruningTechnique(Technique):
     def prefill_hook(self, ctx: DecisionContext, n_layers: int, new_from: int) -> LayerHook | None:
         layers = self.prepare(n_layers)
         self._report = {"prune_layers": list(layers)}
-        if self.keep_ratio == 1.0:
+        if self.is_noop:
             return None
         context_len = int(ctx.token_ids.numel())
         state: dict[str, Any] = {}
@@ -230,6 +243,8 @@ class PruningTechnique(Technique):
             if not state:  # first prune layer: every new token is still present; fix the budget
                 n_prot, n_pr = int(protected.sum()), int((~protected).sum())
                 kept, ratio = keep_counts(n_pr, n_prot, layers, n_layers, self.schedule, self.keep_ratio)
+                if self.max_kept is not None:
+                    kept = [min(k, self.max_kept) for k in kept]
                 work = layer_tokens(n_pr, n_prot, layers, n_layers, kept) / max(1, n_layers * (n_prot + n_pr))
                 state.update(kept=kept, j=0, protected=n_prot)
                 self._report.update(protected=n_prot, prunable=n_pr, kept=kept, ratio=round(ratio, 4),

@@ -178,7 +178,7 @@ class TokenPruning(PruningTechnique):
 
     `layers=None` uses the pruner's own layers. With `pruner=None` the shipped pruner is used if it fits the
     backbone (checked by weights fingerprint after `bind(backbone)`, by hidden size and depth otherwise); for
-    another model pass `pruner=PATH` (see `thrifty train pruner`). No pruner is needed at keep_ratio=1.0.
+    another model pass `pruner=PATH` (see `thrifty train pruner`). No pruner is needed at keep_ratio=1.0 without `max_kept`.
     """
 
     pruner: str | None = None
@@ -218,7 +218,7 @@ class TokenPruning(PruningTechnique):
         """Load and fully check the scorer for `backbone` (shape, layers, and for the shipped pruner the weights
         fingerprint), then move it to the backbone's device and dtype. Without it, the first prefill checks the
         shape only."""
-        if self.keep_ratio == 1.0 or self._bound == id(backbone):
+        if self.is_noop or self._bound == id(backbone):
             return self
         scorer = self._load()
         if self.pruner is None and not self._given:
@@ -248,7 +248,7 @@ class TokenPruning(PruningTechnique):
         return layers
 
     def prepare(self, n_layers: int) -> tuple[int, ...]:
-        if self.keep_ratio == 1.0:
+        if self.is_noop:
             return super().prepare(n_layers)
         return self._check_layers(self._load(), n_layers)
 
