@@ -78,7 +78,9 @@ def row_loss(model, batch, lm_weight: float) -> torch.Tensor:
     ids, dec, lm, pos, mask = batch
     ce = torch.nn.functional.cross_entropy
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.flatten(0, 1)
-    loss = lm_weight * ce(logits, lm.flatten(), ignore_index=-100) if lm_weight else logits.sum() * 0.0
+    loss = logits.sum() * 0.0
+    if lm_weight and bool((lm != -100).any()):  # a batch of DAgger rows holds no language-modelling target
+        loss = loss + lm_weight * ce(logits, lm.flatten(), ignore_index=-100)
     if bool((dec != -100).any()):  # a batch of windows may hold no decision
         loss = loss + ce(logits, dec.flatten(), ignore_index=-100)
     return loss
