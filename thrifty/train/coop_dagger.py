@@ -9,7 +9,8 @@ each call, the expert's decision on the same team state (`expert_decision` reads
 Each recorded call becomes one training row in the phase-1 window form (`thrifty.train.sequences`): the task lines
 + the last `window_tokens` tokens of the call's context (at their true positions), then the expert's decision
 tokens, which carry the decision label. Every call the planner got wrong is kept; of the calls it got right, one in
-`keep_agreeing`. Rounds are appended to a JSON-lines file one episode at a time, so an interrupted round resumes.
+`keep_agreeing`. Rounds are appended to a JSON-lines file one episode at a time, so an interrupted round resumes
+(`load_rollouts` drops a torn last line).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from thrifty.agents.coop import CoopConfig, run_coop_episode
 from thrifty.agents.coop_expert import expert_decision
+from thrifty.train.dagger import load_rollouts
 
 COOP_DAGGER_SEED_BASE = 500_000
 """Round r plays seeds COOP_DAGGER_SEED_BASE + r * 10_000 + i: disjoint from the expert data's (0..n-1) and from
@@ -49,7 +51,7 @@ def collect_coop_dagger_round(planner, team_sizes, episodes_per_size: int, round
     """Play `episodes_per_size` episodes per team size with `planner` (a `CoopPlanner`) and return (and append to
     `path`) one record per episode: {"n_robots", "seed", "success", "calls", "agreed", "rows"}."""
     path = Path(path)
-    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    done = load_rollouts(path)
     have = {(e["n_robots"], e["seed"]) for e in done}
     todo = [(k, coop_dagger_seed(round_idx, i)) for i in range(episodes_per_size) for k in team_sizes]
     task = progress.add_task(f"coop DAgger round {round_idx}", total=len(todo), completed=len(have)) if progress else None

@@ -43,7 +43,7 @@ from thrifty.agents.coop import CoopConfig, collect_expert_transcript, random_de
 from thrifty.agents.coop_context import CoopContext, SharedContextTokens
 from thrifty.agents.coop_expert import expert_decision
 from thrifty.envs.babyai_text import EVAL_SEED_BASE
-from thrifty.train.planner import _cosine, _progress, resume, save_checkpoint, train_tokenizer
+from thrifty.train.planner import _cosine, _progress, resume, round_at, save_checkpoint, train_tokenizer
 from thrifty.train.sequences import Row, adamw_plain_embeddings, collate_rows, make_batches, row_loss, whole_row, windows
 
 SHIPPED_COOP_PLANNER = Path(__file__).resolve().parent.parent / "assets" / "coop_planner"
@@ -113,9 +113,7 @@ class CoopPlannerRecipe:
 
     def dagger_round_at(self, step: int) -> int | None:
         """The DAgger round that `step` belongs to, or None before phase 3."""
-        if step < self.dagger_start(0) or not self.dagger_rounds:
-            return None
-        return min((step - self.dagger_start(0)) // self.dagger_steps, self.dagger_rounds - 1)
+        return round_at(step, self.dagger_start(0), self.dagger_steps, self.dagger_rounds)
 
     def phase_starts(self) -> tuple[int, ...]:
         return (0, self.window_steps) + tuple(self.dagger_start(r) for r in range(self.dagger_rounds))

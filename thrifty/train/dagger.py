@@ -62,13 +62,7 @@ def collect_dagger_round(model, tokenizer, levels: list[str], episodes_per_level
     from thrifty.backbones import HFDecoder
     from thrifty.techniques import build
 
-    episodes: list[dict] = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                episodes.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from an interrupted run
+    episodes = load_rollouts(path)
     done = {(e["level"], e["seed"]) for e in episodes}
     todo = [(lv, dagger_seed(round_idx, i)) for lv in levels for i in range(episodes_per_level)]
     todo = [t for t in todo if t not in done]
@@ -78,9 +72,6 @@ def collect_dagger_round(model, tokenizer, levels: list[str], episodes_per_level
     task = progress.add_task(f"DAgger round {round_idx}", total=len(todo) + len(done)) if progress else None
     if progress:
         progress.update(task, completed=len(done))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # rewrite what survived (drops a torn line), then append one episode per line
-    path.write_text("".join(json.dumps(e) + "\n" for e in episodes))
     with path.open("a") as f:
         for level, seed in todo:
             ep = rollout_with_labels(planner, level, seed, max_steps)
@@ -89,6 +80,21 @@ def collect_dagger_round(model, tokenizer, levels: list[str], episodes_per_level
             episodes.append(ep)
             if progress:
                 progress.advance(task)
+    return episodes
+
+
+def load_rollouts(path: Path) -> list[dict]:
+    """The episodes of a round file (one JSON object per line). A torn last line from an interrupted run is dropped
+    and the file rewritten without it, so the caller can append to it."""
+    episodes: list[dict] = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                episodes.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e) + "\n" for e in episodes))
     return episodes
 
 

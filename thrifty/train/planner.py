@@ -250,11 +250,17 @@ def _cosine(peak: float, step: int, warmup: int, total: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+def round_at(step: int, start: int, round_steps: int, rounds: int) -> int | None:
+    """The round (of `rounds`, each `round_steps` long, the first at `start`) that `step` belongs to, or None
+    before `start` or when there are no rounds. Shared by both planner recipes' DAgger phases."""
+    if step < start or not rounds:
+        return None
+    return min((step - start) // round_steps, rounds - 1)
+
+
 def dagger_round_at(recipe: PlannerRecipe, step: int) -> int | None:
     """The DAgger round that `step` belongs to, or None before phase 3."""
-    if step < recipe.dagger_start(0):
-        return None
-    return min((step - recipe.dagger_start(0)) // recipe.dagger_steps, recipe.dagger_rounds - 1)
+    return round_at(step, recipe.dagger_start(0), recipe.dagger_steps, recipe.dagger_rounds)
 
 
 def lr_at(recipe: PlannerRecipe, step: int) -> float:
