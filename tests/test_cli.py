@@ -142,3 +142,11 @@ def test_bench_coop_refuses_options_of_the_babyai_suites():
     r = runner.invoke(app, ["bench", "coop", "--level", "GoToLocal"])
     assert r.exit_code == 2 and "bench-coop --help" in r.output
     assert "coop" in runner.invoke(app, ["suites"]).output
+
+
+def test_bench_coop_refuses_prune_layers_the_model_or_pruner_lacks(tmp_path):
+    out = tmp_path / "coop.jsonl"
+    r = runner.invoke(app, ["bench-coop", "--layers", "1,3", "--out", str(out)])
+    assert r.exit_code == 2 and "out of range" in r.output and not out.exists()
+    r = runner.invoke(app, ["bench-coop", "--layers", "0,x", "--out", str(out)])
+    assert r.exit_code == 2 and "--layers must be comma-separated" in r.output

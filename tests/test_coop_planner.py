@@ -145,7 +145,8 @@ def test_bench_coop_writes_and_resumes(coop_model_dir, coop_pruner_path, tmp_pat
     from thrifty.bench.runner import run_jobs
 
     monkeypatch.setattr(bc, "eval_config", lambda: SHORT)
-    configs = bc.coop_configs(0.5, coop_pruner_path, layers=(1,))
+    configs = bc.coop_configs(0.5, coop_pruner_path)  # prune layers: the pruner's own, (1,)
+    assert {tuple(c.settings["layers"]) for c in configs if c.technique and "pruning" in c.technique} == {(1,)}
     jobs = bc.coop_jobs(configs, episodes=1, team_sizes=(2,))
     out = tmp_path / "coop.jsonl"
     fn = bc.coop_episode_fn(configs, coop_model_dir)

@@ -39,9 +39,6 @@ from thrifty.envs.babyai_text import eval_seed
 SUITE = "coop"
 TEAM_SIZES = (2, 4, 8)
 KEEP_RATIO = 0.6
-PRUNE_LAYERS = (1, 2)
-"""The coop planner has 4 layers; pruning after layers 1 and 2 (the deepest allowed) leaves 2 layers on kept tokens
-(the default derived from depth would prune after layer 1 only)."""
 EPISODES = 4
 """Default episodes per (configuration, K): 72 episodes, 9 min 5 s on one core with the shipped planner."""
 
@@ -58,11 +55,16 @@ class CoopBenchConfig:
 
 
 def coop_configs(keep_ratio: float = KEEP_RATIO, pruner: str | Path | None = None,
-                 layers: tuple[int, ...] = PRUNE_LAYERS, max_kept: int | None = None) -> tuple[CoopBenchConfig, ...]:
+                 layers: Sequence[int] | None = None, max_kept: int | None = None) -> tuple[CoopBenchConfig, ...]:
     """expert, full, prefix_reuse, token_pruning / random_pruning / recency_pruning at `keep_ratio`; with
-    `max_kept`, the three again with that token cap ("@0.6/cap256"), so cost per call stops growing with K."""
-    pruning = {"keep_ratio": keep_ratio, "layers": list(layers), "protect": list(COOP_PROTECT)}
+    `max_kept`, the three again with that token cap ("@0.6/cap256"), so cost per call stops growing with K.
+    All three prune after `layers`, by default the layers the pruner was trained for (read from its checkpoint)."""
+    from thrifty.techniques.token_pruning import TokenScorer
+
     pruner = str(pruner) if pruner else str(SHIPPED_COOP_PRUNER)
+    if layers is None:
+        layers = TokenScorer.load(pruner).layers
+    pruning = {"keep_ratio": keep_ratio, "layers": sorted(int(x) for x in layers), "protect": list(COOP_PROTECT)}
     out = [CoopBenchConfig("expert", None), CoopBenchConfig("full", "full"),
            CoopBenchConfig("prefix_reuse", "prefix_reuse", {"store_bytes": 0})]
     for suffix, extra in [("", {})] + ([(f"/cap{max_kept}", {"max_kept": max_kept})] if max_kept is not None else []):

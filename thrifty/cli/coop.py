@@ -88,6 +88,8 @@ def bench_coop_cmd(
     pruner: Optional[Path] = typer.Option(None, help="token_pruning checkpoint (default: the shipped coop pruner)"),
     max_kept: Optional[int] = typer.Option(None, min=0, help="also run the three pruning configurations with this "
                                            "token cap (prunable tokens kept per prune layer)"),
+    layers: Optional[str] = typer.Option(None, help="prune layers of the three pruning configurations, e.g. 0,1,2 "
+                                         "(default: the layers the pruner was trained for)"),
     config: Optional[list[str]] = typer.Option(None, help="run only these configurations (repeatable)"),
     threads: int = typer.Option(1, min=1, help="torch threads"),
 ) -> None:
@@ -110,7 +112,11 @@ def bench_coop_cmd(
         HFDecoder.check_dir(model_dir)
     except ModelLoadError as e:
         fail(f"{e} (rebuild the coop planner with `thrifty train coop-planner`)")
-    configs = coop_configs(keep_ratio, pruner, max_kept=max_kept)
+    try:
+        configs = coop_configs(keep_ratio, pruner, max_kept=max_kept,
+                               layers=comma_list(layers, int, "--layers") if layers else None)
+    except (PrunerMismatchError, FileNotFoundError) as e:
+        fail(str(e))
     if config:
         unknown = [c for c in config if c not in {x.name for x in configs}]
         if unknown:
@@ -118,9 +124,10 @@ def bench_coop_cmd(
         configs = tuple(c for c in configs if c.name in config)
     try:
         from thrifty.bench.coop import _planner_for
-        for c in configs:  # a pruner that does not fit the model fails here, before any episode
-            if c.technique == "token_pruning":
-                _planner_for(str(model_dir), c.as_dict())
+        for c in configs:  # a pruner that does not fit the model, or prune layers it lacks, fail before any episode
+            if c.technique and c.technique.endswith("_pruning"):
+                planner = _planner_for(str(model_dir), c.as_dict())
+                planner.technique.prepare(planner.backbone.n_layers)
         results = ResultsFile(out, SUITE, meta={"model": str(model_dir), "configs": [c.as_dict() for c in configs],
                                                "threads": threads})
     except (PrunerMismatchError, FileNotFoundError, ResultsMismatchError, ValueError) as e:
