@@ -160,6 +160,10 @@ def test_bench_coop_writes_and_resumes(coop_model_dir, coop_pruner_path, tmp_pat
     full = next(r for r in rows if r["config"] == "full")
     pruned = next(r for r in rows if r["config"].startswith("random_pruning"))
     assert pruned["flops_per_call"] < full["flops_per_call"]
+    reuse, reuse_pruned = (next(r for r in rows if r["config"] == name)
+                           for name in ("prefix_reuse", "reuse+random_pruning@0.5"))
+    assert reuse_pruned["tokens_per_call"] == reuse["tokens_per_call"]  # the same episode (malformed -> default)...
+    assert reuse_pruned["kv_bytes_max"] < reuse["kv_bytes_max"]  # ...but pruned history left the deep caches
     flops_png, success_png = bc.coop_plots(rows, tmp_path / "coop")
     assert flops_png.stat().st_size > 0 and success_png.stat().st_size > 0
 

@@ -3,7 +3,9 @@
 Configurations (`coop_configs`): the expert team (success reference, no model), the full planner, prefix reuse
 alone (exact: same decisions as full, only the new tokens are computed), and learned token pruning with its two
 count-matched baselines (random, recency) at one keep ratio; with `max_kept`, the three again under that token cap
-(a budget: the deep layers' cost per call stops growing with the context). Every pruning configuration protects
+(a budget: the deep layers' cost per call stops growing with the context); and the three composed with prefix
+reuse (only each call's new tokens are computed; pruned history leaves the deep layers' caches once, so later
+calls attend over fewer keys). Every pruning configuration protects
 the task, the calling robot's role line and its own latest observation (`COOP_PROTECT`) and prunes after the same
 layers, so the three process the same number of tokens in every layer of every call.
 
@@ -13,8 +15,8 @@ resumes (`ResultsFile`, `run_jobs`).
 
 Per (configuration, K) the table reports success with its 95% Wilson interval, context tokens per call, tokens
 per round (the K calls of a round), FLOPs per call (and its ratio to the same configuration's at the smallest K:
-how cost per call grows with K) and per round (analytic, prefill + decode), latency per call
-(median) and malformed outputs per call. Plots: FLOPs per round against K, success against K.
+how cost per call grows with K) and per round (analytic, prefill + decode), the largest KV cache of an episode
+(mean over episodes), latency per call (median) and malformed outputs per call. Plots: FLOPs per round against K, success against K.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from thrifty.envs.babyai_text import eval_seed
 SUITE = "coop"
 TEAM_SIZES = (2, 4, 8)
 KEEP_RATIO = 0.6
+PRUNING = ("token_pruning", "random_pruning", "recency_pruning")
+"""The learned pruner and its two count-matched baselines (sink_window cannot run over a kept session)."""
 EPISODES = 4
 """Default episodes per (configuration, K): 72 episodes, 9 min 5 s on one core with the shipped planner."""
 
@@ -57,7 +61,9 @@ class CoopBenchConfig:
 def coop_configs(keep_ratio: float = KEEP_RATIO, pruner: str | Path | None = None,
                  layers: Sequence[int] | None = None, max_kept: int | None = None) -> tuple[CoopBenchConfig, ...]:
     """expert, full, prefix_reuse, token_pruning / random_pruning / recency_pruning at `keep_ratio`; with
-    `max_kept`, the three again with that token cap ("@0.6/cap256"), so cost per call stops growing with K.
+    `max_kept`, the three again with that token cap ("@0.6/cap256"), so cost per call stops growing with K;
+    the three composed with prefix reuse ("reuse+token_pruning@0.6": only the new tokens are computed, and pruned
+    history leaves the deep layers' caches).
     All three prune after `layers`, by default the layers the pruner was trained for (read from its checkpoint)."""
     from thrifty.techniques.token_pruning import TokenScorer
 
@@ -69,9 +75,13 @@ def coop_configs(keep_ratio: float = KEEP_RATIO, pruner: str | Path | None = Non
            CoopBenchConfig("prefix_reuse", "prefix_reuse", {"store_bytes": 0})]
     for suffix, extra in [("", {})] + ([(f"/cap{max_kept}", {"max_kept": max_kept})] if max_kept is not None else []):
         settings = {**pruning, **extra}
-        out += [CoopBenchConfig(f"token_pruning@{keep_ratio:g}{suffix}", "token_pruning", {**settings, "pruner": pruner}),
-                CoopBenchConfig(f"random_pruning@{keep_ratio:g}{suffix}", "random_pruning", settings),
-                CoopBenchConfig(f"recency_pruning@{keep_ratio:g}{suffix}", "recency_pruning", settings)]
+        out += [CoopBenchConfig(f"{name}@{keep_ratio:g}{suffix}", name,
+                                {**settings, **({"pruner": pruner} if name == "token_pruning" else {})})
+                for name in PRUNING]
+    for name in PRUNING:  # over a kept session: pruned history leaves the deep layers' caches once
+        part = {**pruning, **({"pruner": pruner} if name == "token_pruning" else {})}
+        out.append(CoopBenchConfig(f"reuse+{name}@{keep_ratio:g}", "composed", {
+            "techniques": ["prefix_reuse", name], "part_settings": {"prefix_reuse": {"store_bytes": 0}, name: part}}))
     return tuple(out)
 
 
@@ -131,7 +141,7 @@ def coop_episode_fn(configs: Sequence[CoopBenchConfig], model_dir: str | Path = 
 
 COOP_ROW_FIELDS = ("config", "n_robots", "episodes", "success", "success_lo", "success_hi", "rounds",
                    "tokens_per_call", "tokens_per_round", "flops_per_call", "flops_growth", "flops_per_round",
-                   "latency_per_call_s", "malformed_per_call")
+                   "kv_bytes_max", "latency_per_call_s", "malformed_per_call")
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -158,6 +168,7 @@ def summarize_coop(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
             "tokens_per_round": _mean([e["tokens_per_round_mean"] for e in eps if e.get("tokens_per_round_mean")]),
             "flops_per_call": sum(e["flops_total"] for e in model) / flops_calls if flops_calls else None,
             "flops_per_round": _mean([e["flops_per_round"] for e in model]),
+            "kv_bytes_max": _mean([e["kv_bytes_max"] for e in model if e.get("kv_bytes_max")]),
             "latency_per_call_s": statistics.median(e["wall_median_s"] for e in model) if model else None,
             "malformed_per_call": sum(e["malformed"] for e in eps) / calls if calls else None,
         })
@@ -178,7 +189,7 @@ def print_coop_table(rows: Sequence[Mapping[str, Any]], console: Any = None, tit
     console = console or Console(width=160)
     table = Table(title=title, box=box.SIMPLE_HEAVY)
     for name in ("config", "K", "episodes", "success [95% CI]", "rounds", "tokens/call", "tokens/round",
-                 "FLOPs/call", "x smallest K", "FLOPs/round", "latency/call", "malformed"):
+                 "FLOPs/call", "x smallest K", "FLOPs/round", "KV cache max", "latency/call", "malformed"):
         table.add_column(name, justify="left" if name == "config" else "right", no_wrap=True)
 
     def num(v, spec):
@@ -191,6 +202,7 @@ def print_coop_table(rows: Sequence[Mapping[str, Any]], console: Any = None, tit
                       num(r["tokens_per_call"], ".0f"), num(r["tokens_per_round"], ".0f"),
                       format_flops(r["flops_per_call"]), num(r.get("flops_growth"), ".2f"),
                       format_flops(r["flops_per_round"]),
+                      "–" if r.get("kv_bytes_max") is None else f"{r['kv_bytes_max'] / 2**20:.2f} MB",
                       "–" if lat is None else f"{lat * 1e3:.1f} ms", num(r["malformed_per_call"], ".1%"))
     console.print(table)
     return table

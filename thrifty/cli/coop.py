@@ -52,7 +52,7 @@ def train_coop_pruner_cmd(
     run_dir: Path = typer.Option(Path("runs/coop_pruner"), help="transcripts and the Stage 1 file"),
     samples: int = typer.Option(300, min=1, help="Stage 1 decision samples (coop calls)"),
     steps: int = typer.Option(120, min=1, help="Stage 2 optimisation steps"),
-    layers: str = typer.Option("1,2", help="prune layers"),
+    layers: str = typer.Option("0,1,2", help="prune layers (after layer 0: every deeper layer sees only kept tokens)"),
     threads: int = typer.Option(1, min=1, help="torch threads"),
 ) -> None:
     """E-RECAP Stages 1 and 2 for the coop planner: coop expert transcripts -> saliency -> token scorers."""
@@ -125,9 +125,11 @@ def bench_coop_cmd(
     try:
         from thrifty.bench.coop import _planner_for
         for c in configs:  # a pruner that does not fit the model, or prune layers it lacks, fail before any episode
-            if c.technique and c.technique.endswith("_pruning"):
+            if c.technique not in (None, "full", "prefix_reuse"):
                 planner = _planner_for(str(model_dir), c.as_dict())
-                planner.technique.prepare(planner.backbone.n_layers)
+                for part in getattr(planner.technique, "parts", (planner.technique,)):
+                    if hasattr(part, "prepare"):
+                        part.prepare(planner.backbone.n_layers)
         results = ResultsFile(out, SUITE, meta={"model": str(model_dir), "configs": [c.as_dict() for c in configs],
                                                "threads": threads})
     except (PrunerMismatchError, FileNotFoundError, ResultsMismatchError, ValueError) as e:
