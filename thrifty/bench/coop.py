@@ -5,18 +5,19 @@ alone (exact: same decisions as full, only the new tokens are computed), and lea
 count-matched baselines (random, recency) at one keep ratio; with `max_kept`, the three again under that token cap
 (a budget: the deep layers' cost per call stops growing with the context); and the three composed with prefix
 reuse (only each call's new tokens are computed; pruned history leaves the deep layers' caches once, so later
-calls attend over fewer keys). Every pruning configuration protects
-the task, the calling robot's role line and its own latest observation (`COOP_PROTECT`) and prunes after the same
-layers, so the three process the same number of tokens in every layer of every call.
+calls attend over fewer keys). Every pruning configuration protects the task, the calling robot's role line and
+its own latest observation (`COOP_PROTECT`) and prunes after the same layers, so the three process the same
+number of tokens in every layer of every call.
 
 One job = one episode of (configuration, team size K, evaluation seed 1e9 + i); the level field of a results
-line is "K<k>". Episodes stop after 20 rounds (`EVAL_CONFIG`, 1.5x the expert's longest). Jobs run episode index first, so an interrupted run is balanced across configurations; rerunning
-resumes (`ResultsFile`, `run_jobs`).
+line is "K<k>". Episodes stop after 20 rounds (`EVAL_CONFIG`, 1.5x the expert's longest). Jobs run episode index
+first, so an interrupted run is balanced across configurations; rerunning resumes (`ResultsFile`, `run_jobs`).
 
 Per (configuration, K) the table reports success with its 95% Wilson interval, context tokens per call, tokens
 per round (the K calls of a round), FLOPs per call (and its ratio to the same configuration's at the smallest K:
 how cost per call grows with K) and per round (analytic, prefill + decode), the largest KV cache of an episode
-(mean over episodes), latency per call (median) and malformed outputs per call. Plots: FLOPs per round against K, success against K.
+(mean over episodes), latency per call (median) and malformed outputs per call. Plots: FLOPs per round against K,
+success against K.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ KEEP_RATIO = 0.6
 PRUNING = ("token_pruning", "random_pruning", "recency_pruning")
 """The learned pruner and its two count-matched baselines (sink_window cannot run over a kept session)."""
 EPISODES = 4
-"""Default episodes per (configuration, K): 72 episodes, 9 min 5 s on one core with the shipped planner."""
+"""Default episodes per (configuration, K). With `--max-kept` that is 12 configurations x 3 team sizes x 4 = 144
+episodes; the README's 8-episode run (288) took about 14 min on one core with the shipped planner."""
 
 
 @dataclass(frozen=True)
