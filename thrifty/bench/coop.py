@@ -46,7 +46,7 @@ PRUNING = ("token_pruning", "random_pruning", "recency_pruning")
 """The learned pruner and its two count-matched baselines (sink_window cannot run over a kept session)."""
 EPISODES = 4
 """Default episodes per (configuration, K). With `--max-kept` that is 12 configurations x 3 team sizes x 4 = 144
-episodes; the README's 8-episode run (288) took about 14 min on one core with the shipped planner."""
+episodes; the README's 8-episode run (288) took 15 min on one core with the shipped planner."""
 
 
 @dataclass(frozen=True)
