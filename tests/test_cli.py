@@ -150,3 +150,16 @@ def test_bench_coop_refuses_prune_layers_the_model_or_pruner_lacks(tmp_path):
     assert r.exit_code == 2 and "out of range" in r.output and not out.exists()
     r = runner.invoke(app, ["bench-coop", "--layers", "0,x", "--out", str(out)])
     assert r.exit_code == 2 and "--layers must be comma-separated" in r.output
+
+
+def test_bench_coop_refuses_an_unknown_decoding_and_a_file_decoded_otherwise(tmp_path):
+    from thrifty.bench.results import ResultsFile
+
+    out = tmp_path / "coop.jsonl"
+    r = runner.invoke(app, ["bench-coop", "--decoding", "beam", "--out", str(out)])
+    assert r.exit_code == 2 and "--decoding must be one of free, constrained" in r.output and not out.exists()
+    ResultsFile(out, "coop", meta={"decoding": "free"})
+    before = out.read_text()
+    r = runner.invoke(app, ["bench-coop", "--config", "full", "--sizes", "2", "--episodes", "1", "--out", str(out)])
+    assert r.exit_code == 2 and "decoded 'free', not 'constrained'" in r.output and "--decoding free" in r.output
+    assert out.read_text() == before

@@ -150,3 +150,17 @@ def parse_decision(text: object, known_objects: Collection[str], n_rooms: int) -
         if isinstance(item, int) and not 0 <= item < n_rooms:
             return None, f"{name}: room {item} does not exist; rooms are 0..{n_rooms - 1}"
     return decision, None
+
+
+def decision_texts(known_objects: Collection[str], n_rooms: int) -> list[str]:
+    """Every decision `parse_decision` accepts given what the team knows, in canonical text (claim before drop):
+    the language a constrained decoder keeps the planner inside (`CoopPlanner(constrained=True)`).
+
+    For k known objects and n rooms that is 1 + 2 (k + n) (k + n + 1) texts (k = 12, n = 9: 925)."""
+    objects = sorted(known_objects)
+    items: list[str | int] = [*objects, *range(n_rooms)]
+    out = [DEFAULT_DECISION.text()]
+    for action in [Subgoal("goto", o) for o in objects] + [Subgoal("explore", r) for r in range(n_rooms)]:
+        for claim in (None, action.arg):
+            out += [Decision(action, claim, drop).text() for drop in (None, *items)]
+    return out

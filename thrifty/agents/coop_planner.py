@@ -26,9 +26,11 @@ from pathlib import Path
 
 from thrifty.agents.coop import CoopConfig, run_coop_episode
 from thrifty.agents.coop_context import CoopContext, SharedContextTokens
+from thrifty.agents.coop_decision import decision_texts
 from thrifty.agents.planner import TextPlanner
 from thrifty.cost import CostRecord
 from thrifty.envs.babyai_text import EVAL_SEED_BASE
+from thrifty.runtime.constrained import TextSetConstraint
 from thrifty.techniques import Technique
 
 SHIPPED_COOP_PLANNER = Path(__file__).resolve().parent.parent / "assets" / "coop_planner"
@@ -57,8 +59,10 @@ class CoopPlanner:
     """
 
     def __init__(self, backbone, tokenizer, technique: Technique | None = None,
-                 max_new_tokens: int = MAX_NEW_TOKENS):
+                 max_new_tokens: int = MAX_NEW_TOKENS, constrained: bool = False):
         self.planner = TextPlanner(backbone, tokenizer, technique, max_new_tokens=max_new_tokens)
+        self.constrained = constrained
+        self._constraints: dict[tuple, TextSetConstraint] = {}
         self.tokenizer = tokenizer
         self.tokens = SharedContextTokens(tokenizer)
         self.seed = 0
@@ -88,9 +92,24 @@ class CoopPlanner:
         self.tokens = SharedContextTokens(self.tokenizer)
         self.seed, self.calls, self.reports = seed, 0, []
 
+    def constraint(self, context: CoopContext) -> TextSetConstraint:
+        """The decoding constraint of a call: the decisions `parse_decision` accepts given the team's reports
+        (`decision_texts`), each as the planner writes it after 'do:' (a leading space, closed by a newline)."""
+        state = context.state()
+        key = (frozenset(state.objects), state.n_rooms)
+        if key not in self._constraints:
+            if len(self._constraints) > 64:
+                self._constraints.clear()
+            texts = [" " + t for t in decision_texts(state.objects, state.n_rooms)]
+            self._constraints[key] = TextSetConstraint(self.tokenizer, texts, end="\n")
+        return self._constraints[key]
+
     def __call__(self, context: CoopContext, agent: int) -> tuple[str, CostRecord]:
         ids, spans = self.tokens.call(context, agent)
-        text, record = self.planner.decide(CallTokens(ids, spans), seed=self.seed * 10_000 + self.calls)
+        constraint = self.constraint(context) if self.constrained else None
+        text, record = self.planner.decide(CallTokens(ids, spans), seed=self.seed * 10_000 + self.calls,
+                                           choose=constraint and constraint.choose,
+                                           max_new_tokens=constraint and constraint.max_tokens)
         self.calls += 1
         self.reports.append(self.planner.last_report)
         return text, record

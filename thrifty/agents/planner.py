@@ -93,8 +93,11 @@ class TextPlanner:
     def reset(self) -> None:
         self.technique.reset()
 
-    def decide(self, context: PlannerContext, seed: int = 0) -> tuple[str, CostRecord]:
-        """One planner call: the technique picks the session (fresh, or a kept prefix) and the prefill hook."""
+    def decide(self, context: PlannerContext, seed: int = 0, choose=None,
+               max_new_tokens: int | None = None) -> tuple[str, CostRecord]:
+        """One planner call: the technique picks the session (fresh, or a kept prefix) and the prefill hook.
+        `choose` replaces greedy argmax in decoding (`Session.decode`; e.g. a `TextSetConstraint.choose`),
+        `max_new_tokens` the planner's own limit."""
         ids = torch.tensor(context.ids, dtype=torch.long)
         ctx = DecisionContext(token_ids=ids, spans=dict(context.spans), seed=seed)
         shape = self.backbone.shape
@@ -103,7 +106,7 @@ class TextPlanner:
             hook = self.technique.prefill_hook(ctx, shape.n_layers, new_from)
             pre = session.extend(ids[new_from:], logits="last", layer_hook=hook)
             decode_from = session.next_position
-            out = session.decode(self.max_new_tokens, stop_ids=self.stop_ids)
+            out = session.decode(max_new_tokens or self.max_new_tokens, stop_ids=self.stop_ids, choose=choose)
             text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
             self.technique.close_session(session, ctx, decode_from)
         prefill_flops = forward_flops(shape, pre.works, n_logits=1)

@@ -44,6 +44,10 @@ TEAM_SIZES = (2, 4, 8)
 KEEP_RATIO = 0.6
 PRUNING = ("token_pruning", "random_pruning", "recency_pruning")
 """The learned pruner and its two count-matched baselines (sink_window cannot run over a kept session)."""
+DECODINGS = ("free", "constrained")
+"""How the planner's decision is decoded: greedy argmax ("free"; malformed output becomes `wait`), or greedy among
+the tokens that keep it a decision the parser accepts given the team's reports ("constrained",
+`CoopPlanner(constrained=True)`)."""
 EPISODES = 4
 """Default episodes per (configuration, K). With `--max-kept` that is 12 configurations x 3 team sizes x 4 = 144
 episodes; the README's 8-episode run (288) took 15 min on one core with the shipped planner."""
@@ -87,6 +91,12 @@ def coop_configs(keep_ratio: float = KEEP_RATIO, pruner: str | Path | None = Non
     return tuple(out)
 
 
+def check_decoding(decoding: str) -> str:
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+    return decoding
+
+
 def coop_jobs(configs: Sequence[CoopBenchConfig], episodes: int = EPISODES,
               team_sizes: Sequence[int] = TEAM_SIZES) -> list[Job]:
     return [Job(SUITE, c.name, f"K{k}", eval_seed(i), i)
@@ -103,12 +113,13 @@ def eval_config() -> CoopConfig:
 _PLANNERS: dict[tuple, CoopPlanner] = {}
 
 
-def _planner_for(model_dir: str, config: dict) -> CoopPlanner:
+def _planner_for(model_dir: str, config: dict, decoding: str = "free") -> CoopPlanner:
     from thrifty.techniques import build
 
-    key = (model_dir, config["technique"], json.dumps(config["settings"], sort_keys=True))
+    key = (model_dir, config["technique"], json.dumps(config["settings"], sort_keys=True), decoding)
     if key not in _PLANNERS:
-        planner = CoopPlanner.load(model_dir, build(config["technique"], **config["settings"]))
+        planner = CoopPlanner.load(model_dir, build(config["technique"], **config["settings"]),
+                                   constrained=check_decoding(decoding) == "constrained")
         for part in getattr(planner.technique, "parts", (planner.technique,)):
             if hasattr(part, "bind"):
                 part.bind(planner.backbone)
@@ -116,8 +127,10 @@ def _planner_for(model_dir: str, config: dict) -> CoopPlanner:
     return _PLANNERS[key]
 
 
-def run_coop_job(job: Job, configs: dict[str, dict], model_dir: str, threads: int = 1) -> dict:
-    """Play the episode `job` names: K from its level ("K4"), the configuration's technique (or the expert)."""
+def run_coop_job(job: Job, configs: dict[str, dict], model_dir: str, threads: int = 1,
+                 decoding: str = "free") -> dict:
+    """Play the episode `job` names: K from its level ("K4"), the configuration's technique (or the expert),
+    the planner decoding greedily ("free") or inside the decision language ("constrained")."""
     from thrifty.agents.coop_expert import expert_decide
 
     torch.set_num_threads(threads)
@@ -128,15 +141,17 @@ def run_coop_job(job: Job, configs: dict[str, dict], model_dir: str, threads: in
         for key in ("final_context", "costs", "decisions"):
             result.pop(key, None)
     else:
-        result = run_coop_planner_episode(_planner_for(model_dir, config), n_robots, job.seed, eval_config())
+        result = run_coop_planner_episode(_planner_for(model_dir, config, decoding), n_robots, job.seed,
+                                          eval_config())
+        result["decoding"] = decoding
     result["threads"] = threads
     return result
 
 
 def coop_episode_fn(configs: Sequence[CoopBenchConfig], model_dir: str | Path = SHIPPED_COOP_PLANNER,
-                    threads: int = 1):
+                    threads: int = 1, decoding: str = "free"):
     return partial(run_coop_job, configs={c.name: c.as_dict() for c in configs}, model_dir=str(model_dir),
-                   threads=threads)
+                   threads=threads, decoding=check_decoding(decoding))
 
 
 # --- summary, table, plots -------------------------------------------------------------------------------------------

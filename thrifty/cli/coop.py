@@ -91,19 +91,23 @@ def bench_coop_cmd(
     layers: Optional[str] = typer.Option(None, help="prune layers of the three pruning configurations, e.g. 0,1,2 "
                                          "(default: the layers the pruner was trained for)"),
     config: Optional[list[str]] = typer.Option(None, help="run only these configurations (repeatable)"),
+    decoding: str = typer.Option("constrained", help="planner decoding: 'constrained' (only decisions the parser "
+                                 "accepts given the team's reports) or 'free' (greedy; malformed output -> wait)"),
     threads: int = typer.Option(1, min=1, help="torch threads"),
 ) -> None:
     """K robots x {expert, full, prefix reuse, token / random / recency pruning}: one JSON line per episode, then
     the table (success per K, tokens and FLOPs per call and per round, latency) and two plots."""
     from thrifty.agents.coop_planner import SHIPPED_COOP_PLANNER
     from thrifty.backbones import HFDecoder, ModelLoadError
-    from thrifty.bench.coop import (SUITE, coop_configs, coop_episode_fn, coop_jobs, coop_plots, print_coop_table,
+    from thrifty.bench.coop import (DECODINGS, SUITE, coop_configs, coop_episode_fn, coop_jobs, coop_plots, print_coop_table,
                                     summarize_coop)
     from thrifty.bench.report import write_summary_json
     from thrifty.bench.results import ResultsFile, ResultsMismatchError
     from thrifty.bench.runner import run_jobs
     from thrifty.techniques.token_pruning import PrunerMismatchError
 
+    if decoding not in DECODINGS:
+        fail(f"--decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
     ks = comma_list(sizes, int, "--sizes")
     if any(not 2 <= k <= 8 for k in ks):
         fail(f"team sizes must be in 2..8, got {list(ks)}")
@@ -126,20 +130,24 @@ def bench_coop_cmd(
         from thrifty.bench.coop import _planner_for
         for c in configs:  # a pruner that does not fit the model, or prune layers it lacks, fail before any episode
             if c.technique not in (None, "full", "prefix_reuse"):
-                planner = _planner_for(str(model_dir), c.as_dict())
+                planner = _planner_for(str(model_dir), c.as_dict(), decoding)
                 for part in getattr(planner.technique, "parts", (planner.technique,)):
                     if hasattr(part, "prepare"):
                         part.prepare(planner.backbone.n_layers)
         results = ResultsFile(out, SUITE, meta={"model": str(model_dir), "configs": [c.as_dict() for c in configs],
-                                               "threads": threads})
+                                               "threads": threads, "decoding": decoding})
+        earlier = results.meta.get("decoding", "free")  # files written before the option decoded freely
+        if earlier != decoding:
+            fail(f"{out} holds episodes decoded {earlier!r}, not {decoding!r}; pass --decoding {earlier} to resume "
+                 "it, or --out with another path")
     except (PrunerMismatchError, FileNotFoundError, ResultsMismatchError, ValueError) as e:
         fail(str(e))
     jobs = coop_jobs(configs, episodes, ks)
     console.print(f"[bold]bench-coop[/]: {len(configs)} configurations x K in {list(ks)} x {episodes} episodes "
                   f"-> {out}")
-    records = run_jobs(jobs, coop_episode_fn(configs, model_dir, threads), results)
+    records = run_jobs(jobs, coop_episode_fn(configs, model_dir, threads, decoding), results)
     rows = summarize_coop(records)
-    print_coop_table(rows, console=console)
+    print_coop_table(rows, console=console, title=f"thrifty bench-coop ({decoding} decoding)")
     flops_png, success_png = coop_plots(rows, out.with_suffix(""))
     summary = write_summary_json(rows, out.with_name(out.stem + "_summary.json"))
     console.print(f"results: {out}\nplots: {flops_png}, {success_png}\nsummary: {summary}")

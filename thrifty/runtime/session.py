@@ -167,9 +167,13 @@ class Session:
             raise ValueError(f"layer_hook at layer {layer} must return sorted unique row indices in [0, {q})")
         return keep
 
-    def decode(self, max_new_tokens: int, stop_ids: Sequence[int] = ()) -> DecodeResult:
+    def decode(self, max_new_tokens: int, stop_ids: Sequence[int] = (),
+               choose: Callable[[torch.Tensor, list[int]], int] | None = None) -> DecodeResult:
         """Greedy decoding from the last extend's final logits. Each emitted token is fed back through
-        `extend` (so the session contains it); stops after a stop id or `max_new_tokens` tokens."""
+        `extend` (so the session contains it); stops after a stop id or `max_new_tokens` tokens.
+
+        choose(logits [vocab], emitted ids) -> id replaces argmax (constrained decoding,
+        `thrifty.runtime.constrained.TextSetConstraint.choose`)."""
         if self._last_logits is None:
             raise RuntimeError(
                 "decode() needs the logits of the final appended token: call extend() first "
@@ -178,7 +182,7 @@ class Session:
         stop = {int(s) for s in stop_ids}
         res = DecodeResult()
         for _ in range(max_new_tokens):
-            tok = int(self._last_logits.argmax())
+            tok = int(self._last_logits.argmax()) if choose is None else int(choose(self._last_logits, res.token_ids))
             res.token_ids.append(tok)
             res.works.append(self.extend([tok]).works)
             if tok in stop:
