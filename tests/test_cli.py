@@ -163,3 +163,11 @@ def test_bench_coop_refuses_an_unknown_decoding_and_a_file_decoded_otherwise(tmp
     r = runner.invoke(app, ["bench-coop", "--config", "full", "--sizes", "2", "--episodes", "1", "--out", str(out)])
     assert r.exit_code == 2 and "decoded 'free', not 'constrained'" in r.output and "--decoding free" in r.output
     assert out.read_text() == before
+
+
+def test_train_planner_refuses_an_unknown_level_and_a_level_without_an_episode_count(tmp_path):
+    r = runner.invoke(app, ["train", "planner", "--levels", "MemoryS99", "--run-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown BabyAI-Text level 'MemoryS99'" in r.output and "MemoryS13" in r.output
+    r = runner.invoke(app, ["train", "planner", "--levels", "MemoryS13", "--run-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "pass --episodes N" in r.output
+    assert not any(tmp_path.iterdir())  # nothing collected or trained

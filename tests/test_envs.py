@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from thrifty.envs import ACTIONS, EVAL_SEED_BASE, LEVELS, BabyAITextEnv, UnknownLevelError, eval_seed, train_seed
-from thrifty.envs.babyai_text import render_observation
+from thrifty.envs.babyai_text import level_id, render_observation
 
 
 def _expert_rollout(level, seed):
@@ -57,3 +57,35 @@ def test_rendering_of_a_hand_made_view():
     # objects nearest first (both at 3 cells here; ties: the nearer ahead first)
     assert text == ("facing south; carrying blue key; locked yellow door 3 right; red ball 2 ahead 1 left; "
                     "wall 4 ahead")
+
+
+def test_memory_expert_solves_the_level_after_seeing_the_cue():
+    """MemoryS13: the expert walks west until the cue is in view, then to the matching object; the cue's type is in
+    the text of an earlier observation than the final approach, and the step cap replaces minigrid's 845."""
+    import random
+
+    from thrifty.envs.babyai_text import LEVEL_MAX_STEPS
+    from thrifty.train.planner import collect_episode
+
+    assert level_id("MemoryS13") == "MiniGrid-MemoryS13-v0"
+    assert BabyAITextEnv("MemoryS13").max_steps == LEVEL_MAX_STEPS["MemoryS13"]
+    for seed in range(12):
+        ep = collect_episode("MemoryS13", seed, noise=0.2 if seed % 2 else 0.0, rng=random.Random(seed))
+        assert ep["success"], seed
+        env = BabyAITextEnv("MemoryS13")  # replay: the step at which the expert first saw the cue
+        env.reset(seed=seed)
+        inner = env._env.unwrapped
+        cue = inner.grid.get(1, inner.height // 2 - 1).type
+        seen_at = None
+        for step, action in enumerate(ep["taken"]):
+            env.expert_action()
+            if seen_at is None and env._bot.cue_seen:
+                seen_at = step
+            env.step(ACTIONS.index(action))
+        assert seen_at is not None and f"green {cue}" in ep["observations"][seen_at], seed
+        assert seen_at < len(ep["taken"]) - 2, seed  # seen before the final approach to the junction
+
+
+def test_unknown_level_lists_the_memory_level_too():
+    with pytest.raises(UnknownLevelError, match="MemoryS13"):
+        level_id("MemoryS99")

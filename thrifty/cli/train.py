@@ -18,14 +18,34 @@ def train_planner_cmd(
     steps: Optional[int] = typer.Option(None, min=1, help="phase-1 (window) optimisation steps (default: the recipe's)"),
     threads: int = typer.Option(2, min=1, help="torch threads"),
     stop_at: Optional[int] = typer.Option(None, min=1, help="stop at this step of the schedule and export"),
+    levels: Optional[str] = typer.Option(None, help="levels to learn, e.g. MemoryS13 (default: the recipe's four "
+                                         "BabyAI levels)"),
+    episodes: Optional[int] = typer.Option(None, min=1, help="expert episodes per level (default: the recipe's)"),
+    finetune_steps: Optional[int] = typer.Option(None, min=0, help="phase-2 (whole-episode) steps (default: the "
+                                                 "recipe's)"),
 ) -> None:
     """Rebuild the BabyAI-Text planner (behaviour cloning on expert transcripts); resumes from RUN_DIR."""
     from thrifty.bench import SHIPPED_PLANNER
+    from thrifty.envs.babyai_text import UnknownLevelError, level_id
     from thrifty.train.planner import PlannerRecipe, train_planner
 
     recipe = PlannerRecipe(threads=threads)
     if steps:
         recipe.steps = steps
+    if finetune_steps is not None:
+        recipe.finetune_steps = finetune_steps
+    if levels:
+        recipe.levels = [lv.strip() for lv in levels.split(",") if lv.strip()]
+        try:
+            for lv in recipe.levels:
+                level_id(lv)
+        except UnknownLevelError as e:
+            fail(str(e))
+        if not episodes and any(lv not in recipe.episodes_per_level for lv in recipe.levels):
+            fail(f"--levels {levels}: pass --episodes N (expert episodes per level); the recipe has counts only "
+                 f"for {', '.join(recipe.episodes_per_level)}")
+    if episodes:
+        recipe.episodes_per_level = {lv: episodes for lv in recipe.levels}
     path = train_planner(recipe, out or SHIPPED_PLANNER, run_dir, command="thrifty " + " ".join(sys.argv[1:]),
                          stop_at=stop_at)
     console.print(f"planner written to {path}; measure it with `thrifty bench planner --model {path}`")

@@ -10,8 +10,9 @@ The agent sees its 7x7 egocentric view (minigrid's own partial observation, occl
   agent, then `left`/`right`), nearest first;
 - `wall N ahead|left|right`: the first wall along each of the three rays from the agent, when seen.
 
-Actions are the 7 minigrid actions as words (`ACTIONS`). The expert is minigrid's `BabyAIBot`, replanned after
-every step with the action that was actually taken, so it also recovers from other agents' mistakes.
+Actions are the 7 minigrid actions as words (`ACTIONS`). The expert is minigrid's `BabyAIBot` (on the Memory levels,
+`MemoryExpert`), replanned after every step with the action that was actually taken, so it also recovers from other
+agents' mistakes.
 
 Example:
     >>> env = BabyAITextEnv("GoToLocal")
@@ -33,6 +34,8 @@ from gymnasium import spaces
 from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT
 from minigrid.utils.baby_ai_bot import BabyAIBot
 
+from thrifty.envs.memory_expert import MemoryExpert
+
 ACTIONS = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 """The 7 minigrid actions as words, in minigrid's index order."""
 
@@ -43,6 +46,12 @@ LEVELS = {
     "GoToObjMazeS4": "BabyAI-GoToObjMazeS4-v0",  # multi-room: 2x2 rooms joined by doors
 }
 """Short level name -> minigrid id. GoToObjMazeS4 is the multi-room level (long episodes, 1-2k-token contexts)."""
+
+MEMORY_LEVELS = {"MemoryS13": "MiniGrid-MemoryS13-v0"}
+"""Levels whose decisions need old context: MiniGrid's Memory task (see `thrifty.envs.memory_expert`). Not in
+`LEVELS`, so the BabyAI planner's recipe and suites are unchanged; the `memory` suite and planner use it."""
+LEVEL_MAX_STEPS = {"MemoryS13": 96}
+"""Step caps replacing minigrid's default (5 x 13^2 = 845 for MemoryS13; the expert needs at most ~40)."""
 
 EVAL_SEED_BASE = 1_000_000_000
 """Evaluation seeds are EVAL_SEED_BASE + i; training seeds are below it, so the two never overlap."""
@@ -60,11 +69,12 @@ class UnknownLevelError(ValueError):
 
 def level_id(level: str) -> str:
     """Map a short level name (or a full BabyAI id) to the minigrid id; unknown names get a clear error."""
-    if level in LEVELS:
-        return LEVELS[level]
-    if level in LEVELS.values():
+    known = {**LEVELS, **MEMORY_LEVELS}
+    if level in known:
+        return known[level]
+    if level in known.values():
         return level
-    raise UnknownLevelError(f"unknown BabyAI-Text level {level!r}; choose one of: {', '.join(LEVELS)}")
+    raise UnknownLevelError(f"unknown BabyAI-Text level {level!r}; choose one of: {', '.join(known)}")
 
 
 def train_seed(i: int) -> int:
@@ -137,6 +147,7 @@ class BabyAITextEnv(gym.Env):
     def __init__(self, level: str, max_steps: int | None = None):
         self.level = level
         self.level_id = level_id(level)
+        max_steps = max_steps or LEVEL_MAX_STEPS.get(level)
         kwargs = {"max_steps": max_steps} if max_steps else {}
         self._env = gym.make(self.level_id, **kwargs)
         self.action_space = spaces.Discrete(len(ACTIONS))
@@ -152,7 +163,8 @@ class BabyAITextEnv(gym.Env):
         with contextlib.redirect_stdout(io.StringIO()):  # minigrid prints rejected samples during reset
             obs, info = self._env.reset(seed=seed)
         self.mission = obs["mission"]
-        self._bot = BabyAIBot(self._env.unwrapped)
+        memory = self.level_id in MEMORY_LEVELS.values()
+        self._bot = MemoryExpert(self._env.unwrapped) if memory else BabyAIBot(self._env.unwrapped)
         self._expert_next: str | None = None
         self._last_taken: int | None = None
         text = render_observation(obs["image"], int(obs["direction"]))
