@@ -203,7 +203,7 @@ def print_coop_table(rows: Sequence[Mapping[str, Any]], console: Any = None, tit
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=160)
+    console = console or Console(width=200)
     table = Table(title=title, box=box.SIMPLE_HEAVY)
     for name in ("config", "K", "episodes", "success [95% CI]", "rounds", "tokens/call", "tokens/round",
                  "FLOPs/call", "x smallest K", "FLOPs/round", "KV cache max", "latency/call", "malformed"):

@@ -45,7 +45,8 @@ def bench(
         from thrifty.cli.coop import bench_coop_cmd
 
         return bench_coop_cmd(out=out or Path("results/coop.jsonl"), episodes=episodes or 4, sizes="2,4,8",
-                              keep_ratio=0.6, model=model, pruner=pruner, config=None, threads=threads or 1)
+                              keep_ratio=0.6, model=model, pruner=pruner, max_kept=None, layers=None, config=None,
+                              decoding="constrained", threads=threads or 1)
     try:
         spec = get_suite(suite)
         levels = check_levels(level)
