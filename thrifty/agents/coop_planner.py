@@ -6,6 +6,8 @@ context epoch) and hands ids + spans to `TextPlanner.decide`, which opens a sess
 (fresh, or the kept one under `prefix_reuse`), prefills with the technique's hook (token pruning drops context
 tokens from the deep layers) and greedily decodes the decision up to the newline. Every call returns
 (text, CostRecord); `run_coop_episode` parses the text, counts malformed output and replaces it with `wait`.
+With `constrained=True` the decoder can only emit a decision the parser accepts given the team's reports
+(`decision_texts` through `thrifty.runtime.constrained.TextSetConstraint`; the model's own choice whenever valid).
 
 Spans handed to the technique: "task" (task + rule lines), "role" (the caller's role line), "own_observation"
 (its latest report), "stable_prefix", and the single-agent aliases "mission" / "observation". The coop

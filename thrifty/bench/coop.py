@@ -9,6 +9,9 @@ calls attend over fewer keys). Every pruning configuration protects the task, th
 its own latest observation (`COOP_PROTECT`) and prunes after the same layers, so the three process the same
 number of tokens in every layer of every call.
 
+The planner decodes inside the decision language by default (`DECODINGS`, `--decoding`): only decisions the parser
+accepts given the team's reports can be emitted; "free" is plain greedy decoding, malformed output becoming `wait`.
+
 One job = one episode of (configuration, team size K, evaluation seed 1e9 + i); the level field of a results
 line is "K<k>". Episodes stop after 20 rounds (`EVAL_CONFIG`, 1.5x the expert's longest). Jobs run episode index
 first, so an interrupted run is balanced across configurations; rerunning resumes (`ResultsFile`, `run_jobs`).

@@ -99,8 +99,8 @@ def bench_coop_cmd(
     the table (success per K, tokens and FLOPs per call and per round, latency) and two plots."""
     from thrifty.agents.coop_planner import SHIPPED_COOP_PLANNER
     from thrifty.backbones import HFDecoder, ModelLoadError
-    from thrifty.bench.coop import (DECODINGS, SUITE, coop_configs, coop_episode_fn, coop_jobs, coop_plots, print_coop_table,
-                                    summarize_coop)
+    from thrifty.bench.coop import (DECODINGS, SUITE, coop_configs, coop_episode_fn, coop_jobs, coop_plots,
+                                    print_coop_table, summarize_coop)
     from thrifty.bench.report import write_summary_json
     from thrifty.bench.results import ResultsFile, ResultsMismatchError
     from thrifty.bench.runner import run_jobs
