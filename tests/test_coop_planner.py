@@ -227,3 +227,32 @@ def test_coop_recipe_dagger_phase_keeps_the_checkpoint_fingerprint():
     assert r.total_steps == 30 and r.phase_starts() == (0, 10, 20, 25)
     assert [r.dagger_round_at(s) for s in (19, 20, 24, 25, 29)] == [None, 0, 0, 1, 1]
     assert CoopPlannerRecipe(dagger_rounds=0).fingerprint() == CoopPlannerRecipe().fingerprint()
+
+
+def test_planner_transcripts_replay_to_the_same_episode(coop_model_dir):
+    """`collect_planner_transcript` records what the planner did (canonical, parsed) and what the expert would have
+    done; replaying `taken` reproduces the episode's decisions, which is how Stage 1 turns them into samples."""
+    from thrifty.agents.coop_planner import collect_planner_transcript
+    from thrifty.agents.coop_expert import expert_decision
+
+    planner = CoopPlanner.load(coop_model_dir, build("full"), constrained=True)
+    rec = collect_planner_transcript(planner, 2, 5, SHORT)
+    assert rec["source"] == "planner" and rec["calls"]
+    seen: list[str] = []
+
+    def replay(ctx, agent):
+        taken = rec["calls"][len(seen)]["taken"]
+        seen.append(expert_decision(ctx.state(), agent).text())
+        return " " + taken
+
+    replayed = run_coop_episode(replay, 2, 5, SHORT)
+    assert replayed["decisions"] == [c["taken"] for c in rec["calls"]]
+    assert seen == [c["label"] for c in rec["calls"]]
+
+
+def test_decision_changes_mark_each_robots_reassignments():
+    from thrifty.train.coop_planner import decision_changes
+
+    calls = [{"agent": a, "label": lab} for a, lab in
+             [(0, "explore 1"), (1, "wait"), (0, "explore 1"), (1, "goto red key"), (0, "goto red key"), (1, "wait")]]
+    assert decision_changes(calls) == [0, 1, 3, 4, 5]

@@ -89,3 +89,27 @@ def test_memory_expert_solves_the_level_after_seeing_the_cue():
 def test_unknown_level_lists_the_memory_level_too():
     with pytest.raises(UnknownLevelError, match="MemoryS13"):
         level_id("MemoryS99")
+
+
+def test_memory_steps_are_exactly_where_the_cue_decides_the_action():
+    """`expert_needs_memory` marks the steps whose expert action differs between 'the cue is the key' and 'the cue
+    is the ball' (the turn at the junction and the step after it); never before the cue is seen, never on a BabyAI
+    level."""
+    import random
+
+    from thrifty.train.planner import collect_episode
+
+    for seed in range(6):
+        ep = collect_episode("MemoryS13", seed, noise=0.0, rng=random.Random(seed))
+        steps = ep["memory_steps"]
+        assert steps and steps == list(range(steps[0], steps[-1] + 1)), (seed, steps)
+        assert ep["labels"][steps[0]] in ("left", "right"), (seed, ep["labels"])  # the turn into a branch
+        assert steps[-1] >= len(ep["labels"]) - 2  # at the end of the hallway, not on the way there
+        env = BabyAITextEnv("MemoryS13")
+        env.reset(seed=seed)
+        for step, action in enumerate(ep["taken"]):
+            if not env._bot.cue_seen:
+                assert not env.expert_needs_memory()
+            env.step(ACTIONS.index(action))
+    ep = collect_episode("GoToLocal", 0, noise=0.0, rng=random.Random(0))
+    assert ep["memory_steps"] == []

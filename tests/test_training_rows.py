@@ -62,3 +62,19 @@ def test_planner_sequences_label_actions_and_model_the_rest(tiny_planner_dir):
     recipe = PlannerRecipe(window_tokens=32, window_overlap=8)
     rows = training_rows([(ids, labels, lm, prefix)], recipe, "windows")
     assert sum(v != -100 for r in rows for v in r[1]) == sum(v != -100 for v in labels)
+
+
+def test_memory_rows_label_only_the_memory_steps(tiny_planner_dir):
+    """`memory_rows` holds the whole episode as input and labels exactly the expert's words at its memory steps."""
+    from transformers import AutoTokenizer
+
+    from thrifty.train.planner import PlannerRecipe, collect_episode, memory_rows
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_planner_dir))
+    ep = collect_episode("MemoryS13", 2, noise=0.0, rng=random.Random(2))
+    rows = memory_rows(tok, [ep, collect_episode("GoToLocal", 0, noise=0.0, rng=random.Random(0))], PlannerRecipe())
+    assert len(rows) == 1  # the BabyAI episode has no memory step
+    ids, dec, lm = rows[0][:3]
+    words = [tok.decode([t]).strip() for t in dec if t != -100 and tok.decode([t]).strip()]
+    assert words == [ep["labels"][s] for s in ep["memory_steps"]]
+    assert all(v == -100 for v in lm)

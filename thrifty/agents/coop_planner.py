@@ -190,3 +190,30 @@ def measure_coop_planner(model_dir: str | Path, team_sizes=(2, 4, 8), episodes: 
                                     f"{config.max_rounds}); expert on the same seeds")
         card_path.write_text(json.dumps(card, indent=2) + "\n")
     return out
+
+
+def collect_planner_transcript(planner: CoopPlanner, n_robots: int, seed: int,
+                               config: CoopConfig | None = None) -> dict:
+    """One closed-loop episode of `planner` in the record format of `collect_expert_transcript` (without epochs):
+    per call, `taken` = the planner's decision as the parser read it (canonical; `wait` when malformed) and
+    `label` = the expert's decision on the same context. Replaying the `taken` decisions reproduces the episode,
+    so these records are Stage 1 data of the coop pruner from the contexts the planner itself produces (its own
+    plans, at the team sizes where the expert transcripts' contexts differ most from closed-loop ones)."""
+    from thrifty.agents.coop_decision import DEFAULT_DECISION, parse_decision
+    from thrifty.agents.coop_expert import expert_decision
+
+    planner.reset(seed)
+    calls: list[dict] = []
+
+    def decide(ctx: CoopContext, agent: int) -> str:
+        state = ctx.state()
+        label = expert_decision(state, agent).text()
+        text, _ = planner(ctx, agent)
+        decision, _error = parse_decision(text, state.objects.keys(), state.n_rooms)
+        taken = (decision or DEFAULT_DECISION).text()
+        calls.append({"agent": agent, "round": ctx.round, "label": label, "taken": taken})
+        return " " + taken
+
+    result = run_coop_episode(decide, n_robots, seed, config)
+    return {"n_robots": n_robots, "seed": seed, "success": result["success"], "mission": result["mission"],
+            "source": "planner", "calls": calls}

@@ -53,21 +53,35 @@ def train_coop_pruner_cmd(
     samples: int = typer.Option(300, min=1, help="Stage 1 decision samples (coop calls)"),
     steps: int = typer.Option(120, min=1, help="Stage 2 optimisation steps"),
     layers: str = typer.Option("0,1,2", help="prune layers (after layer 0: every deeper layer sees only kept tokens)"),
+    closed_loop_episodes: int = typer.Option(150, min=0, help="closed-loop planner episodes per team size added to "
+                                             "the expert transcripts (0: expert transcripts only)"),
+    closed_loop_sizes: str = typer.Option("4,8", help="team sizes of the closed-loop planner episodes"),
     threads: int = typer.Option(1, min=1, help="torch threads"),
 ) -> None:
-    """E-RECAP Stages 1 and 2 for the coop planner: coop expert transcripts -> saliency -> token scorers."""
+    """E-RECAP Stages 1 and 2 for the coop planner: coop expert transcripts (+ the planner's own closed-loop
+    episodes, labelled by the expert) -> saliency -> token scorers."""
     from thrifty.agents.coop_planner import SHIPPED_COOP_PLANNER, SHIPPED_COOP_PRUNER
-    from thrifty.backbones import ModelLoadError
-    from thrifty.train.coop_planner import write_coop_transcripts
+    from thrifty.backbones import HFDecoder, ModelLoadError
+    from thrifty.train.coop_planner import write_coop_transcripts, write_planner_transcripts
     from thrifty.train.pruner import train_pruner
     from thrifty.train.saliency import train_saliency
 
     command = "thrifty " + " ".join(sys.argv[1:])
     model = model or SHIPPED_COOP_PLANNER
-    data = run_dir / "coop_transcripts.jsonl"
-    if not data.is_file():
-        write_coop_transcripts(data)
+    sizes = comma_list(closed_loop_sizes, int, "--closed-loop-sizes")
+    if any(not 2 <= k <= 8 for k in sizes):
+        fail(f"--closed-loop-sizes must be team sizes in 2..8, got {list(sizes)}")
+    expert = run_dir / "coop_transcripts.jsonl"
+    if not expert.is_file():
+        write_coop_transcripts(expert)
+    data = expert
     try:
+        if closed_loop_episodes:  # the Stage 1 file reads one data file: expert records, then the planner's
+            HFDecoder.check_dir(model)
+            planner = write_planner_transcripts(run_dir / "planner_transcripts.jsonl", model, sizes,
+                                                closed_loop_episodes, threads=threads)
+            data = run_dir / "coop_pruner_data.jsonl"
+            data.write_text(expert.read_text() + planner.read_text())
         sal = train_saliency(model, run_dir / "saliency.safetensors", data=data,
                              layers=comma_list(layers, int, "--layers"), samples=samples, threads=threads,
                              max_tokens=4096, command=command)

@@ -23,6 +23,8 @@ def train_planner_cmd(
     episodes: Optional[int] = typer.Option(None, min=1, help="expert episodes per level (default: the recipe's)"),
     finetune_steps: Optional[int] = typer.Option(None, min=0, help="phase-2 (whole-episode) steps (default: the "
                                                  "recipe's)"),
+    memory_repeat: Optional[int] = typer.Option(None, min=0, help="phase 2 repeats each episode's memory decisions "
+                                                "(MemoryS13's junction) this many extra times (default: 0)"),
 ) -> None:
     """Rebuild the BabyAI-Text planner (behaviour cloning on expert transcripts); resumes from RUN_DIR."""
     from thrifty.bench import SHIPPED_PLANNER
@@ -34,6 +36,8 @@ def train_planner_cmd(
         recipe.steps = steps
     if finetune_steps is not None:
         recipe.finetune_steps = finetune_steps
+    if memory_repeat is not None:
+        recipe.memory_repeat = memory_repeat
     if levels:
         recipe.levels = [lv.strip() for lv in levels.split(",") if lv.strip()]
         try:

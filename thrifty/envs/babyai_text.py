@@ -178,6 +178,12 @@ class BabyAITextEnv(gym.Env):
             self._expert_next = ACTIONS[int(self._bot.replan(self._last_taken))]
         return self._expert_next
 
+    def expert_needs_memory(self) -> bool:
+        """Whether the expert's next action depends on something no longer in view (MemoryS13: the cue, at the
+        junction); always False on the BabyAI levels, whose bot acts on the current state."""
+        self.expert_action()
+        return isinstance(self._bot, MemoryExpert) and self._bot.needs_cue()
+
     def step(self, action: int):
         if not self.action_space.contains(int(action)):
             raise ValueError(f"action must be an index in [0, {len(ACTIONS)}), got {action!r}")

@@ -41,11 +41,22 @@ class MemoryExpert:
             return FORWARD if cell is None or cell.can_overlap() else RIGHT
         return self._path_to(tuple(env.success_pos))
 
-    def _path_to(self, goal: tuple[int, int]) -> int:
-        """First action of a shortest left/right/forward path from the agent's pose to `goal` (any heading)."""
+    def needs_cue(self) -> bool:
+        """Whether the next action depends on the cue: after the cue is seen, the first step toward the success cell
+        differs from the first step toward the failure cell (at the junction). These are the decisions only a
+        planner that remembers the cue gets right."""
+        env = self.env
+        if not self.cue_seen:
+            return False
+        success, failure = tuple(env.success_pos), tuple(env.failure_pos)
+        return self._path_to(success, avoid=failure) != self._path_to(failure, avoid=success)
+
+    def _path_to(self, goal: tuple[int, int], avoid: tuple[int, int] | None = None) -> int:
+        """First action of a shortest left/right/forward path from the agent's pose to `goal` (any heading), never
+        through `avoid` (default: the failure cell)."""
         env = self.env
         start = (int(env.agent_pos[0]), int(env.agent_pos[1]), int(env.agent_dir))
-        blocked = {tuple(env.failure_pos)}
+        blocked = {tuple(env.failure_pos) if avoid is None else avoid}
         first: dict[tuple[int, int, int], int | None] = {start: None}
         queue = deque([start])
         while queue:

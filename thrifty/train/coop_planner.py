@@ -382,12 +382,27 @@ def train_coop_planner(recipe: CoopPlannerRecipe, out_dir: Path, run_dir: Path, 
 
 # Stage 1 data for the coop pruner (`thrifty train saliency --data` with coop transcripts) --------------------------
 
+def decision_changes(calls: list[dict]) -> list[int]:
+    """Indices of the calls whose expert label differs from the same robot's previous label (its first call
+    included): the moments a robot is (re)assigned. Most calls repeat the robot's current subgoal, which almost
+    any pruned context still gets right; these are where pruning can flip a decision."""
+    last: dict[int, str] = {}
+    out = []
+    for j, c in enumerate(calls):
+        if last.get(c["agent"]) != c["label"]:
+            out.append(j)
+        last[c["agent"]] = c["label"]
+    return out
+
+
 def coop_saliency_samples(tokenizer, records: list[dict], n: int, rng: random.Random, max_tokens: int = 4096,
-                          per_episode: int = 3) -> list:
-    """Up to `n` saliency samples from coop transcripts (`collect_expert_transcripts` records as JSON lines).
+                          per_episode: int = 3, change_share: float = 0.5) -> list:
+    """Up to `n` saliency samples from coop transcripts (`collect_expert_transcripts` records, or closed-loop
+    planner records from `collect_planner_transcript`, as JSON lines), team sizes drawn in turn.
 
     Each episode is replayed with the decisions it took, and a few of its calls (where the expert's label was
-    taken) become samples exactly as the adapter tokenises them (`SharedContextTokens`): ids = the call's tokens
+    taken; with probability `change_share` each pick is one of the `decision_changes`) become samples exactly
+    as the adapter tokenises them (`SharedContextTokens`): ids = the call's tokens
     followed by the first tokens of ' <label>\\n' up to a random cut before the newline (teacher forcing); the
     decision positions predict the label's tokens up to and including the one after the cut, so the last token's
     prediction is a decision token (what the pruner's held-out evaluation compares with the full model).
@@ -407,7 +422,12 @@ def coop_saliency_samples(tokenizer, records: list[dict], n: int, rng: random.Ra
             break
         rec = rng.choice(by_size[sizes[i % len(sizes)]])
         good = [j for j, c in enumerate(rec["calls"]) if c["taken"] == c["label"]]
-        picks = set(rng.sample(good, min(per_episode, len(good), n - len(out))))
+        changes = set(decision_changes(rec["calls"])) & set(good)
+        picks: set[int] = set()
+        for _ in range(min(per_episode, len(good), n - len(out))):
+            pool = sorted(changes - picks) if changes - picks and rng.random() < change_share else \
+                sorted(set(good) - picks)
+            picks.add(rng.choice(pool))
         tokens = SharedContextTokens(tokenizer)
         state = {"call": 0}
 
@@ -442,4 +462,34 @@ def write_coop_transcripts(path: Path, team_sizes=(2, 4, 8), episodes_per_size: 
         seeds = list(range(first_seed, first_seed + episodes_per_size))
         lines += [json.dumps(r) for r in collect_expert_transcripts(k, seeds, noise=noise, seed=seed * 100 + k)]
     path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_planner_transcripts(path: Path, model_dir: str | Path, team_sizes=(8,), episodes_per_size: int = 100,
+                              first_seed: int = 300_000, threads: int = 1) -> Path:
+    """Closed-loop transcripts of the planner at `model_dir` (constrained decoding, exact prefix reuse), seeds from
+    `first_seed` on (disjoint from the expert transcripts, the planner's data and evaluation), appended one JSON
+    line per episode: an interrupted run resumes where it stopped."""
+    import torch
+    from rich.progress import Progress
+
+    from thrifty.agents.coop_planner import CoopPlanner, collect_planner_transcript
+    from thrifty.techniques import build
+
+    torch.set_num_threads(threads)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if path.is_file():
+        done = {(r["n_robots"], r["seed"]) for r in map(json.loads, path.read_text().splitlines()) if r}
+    todo = [(k, first_seed + i) for k in team_sizes for i in range(episodes_per_size) if (k, first_seed + i) not in done]
+    if not todo:
+        return path
+    planner = CoopPlanner.load(model_dir, build("prefix_reuse", store_bytes=0), constrained=True)
+    with Progress() as bar, path.open("a") as f:
+        task = bar.add_task("closed-loop planner transcripts", total=len(todo))
+        for k, seed in todo:
+            f.write(json.dumps(collect_planner_transcript(planner, k, seed)) + "\n")
+            f.flush()
+            bar.advance(task)
     return path

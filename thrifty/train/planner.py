@@ -63,6 +63,9 @@ class PlannerRecipe:
     tie_embeddings: bool = False
     """untied, and no weight decay on either embedding: tied, decayed ones collapsed the object-type words (mean
     cosine 0.75) and the planner never bound the mission's object to the observation (README, issue 2)"""
+    memory_repeat: int = 0
+    """phase 2 adds every episode with memory steps (MemoryS13's junction) this many more times, labelled only at
+    those steps (`memory_rows`); 0 leaves the data as it is"""
     lm_weight: float = 0.25
     """weight of the language-modelling loss on the non-decision tokens, next to the decision loss"""
     window_tokens: int = 256
@@ -106,7 +109,8 @@ class PlannerRecipe:
         """Identifies a training run: a checkpoint is resumed only by the same recipe (phase-2 and DAgger fields may
         change without losing an earlier phase's checkpoint, and `threads` never matters)."""
         data = dataclasses.asdict(self)
-        for k in ("finetune_steps", "finetune_tokens_per_batch", "finetune_lr", "threads", "checkpoint_every"):
+        for k in ("finetune_steps", "finetune_tokens_per_batch", "finetune_lr", "memory_repeat", "threads",
+                  "checkpoint_every"):
             data.pop(k)
         for k in [k for k in data if k.startswith("dagger_")]:
             data.pop(k)
@@ -127,12 +131,15 @@ def _progress() -> Progress:
 # 1. expert transcripts -------------------------------------------------------------------------------------------
 
 def collect_episode(level: str, seed: int, noise: float, rng: random.Random) -> dict:
-    """One expert episode; `labels[i]` is the expert's action at step i, `taken[i]` what was done."""
+    """One expert episode; `labels[i]` is the expert's action at step i, `taken[i]` what was done, `memory_steps`
+    the steps whose expert action depends on something out of view (`BabyAITextEnv.expert_needs_memory`)."""
     env = BabyAITextEnv(level)
     obs, info = env.reset(seed=seed)
-    observations, taken, labels = [obs], [], []
+    observations, taken, labels, memory_steps = [obs], [], [], []
     done, reward = False, 0.0
     while not done:
+        if env.expert_needs_memory():
+            memory_steps.append(len(labels))
         expert = env.expert_action()
         action = rng.choice(ACTIONS[:3]) if rng.random() < noise else expert
         obs, reward, terminated, truncated, _ = env.step(ACTIONS.index(action))
@@ -142,13 +149,15 @@ def collect_episode(level: str, seed: int, noise: float, rng: random.Random) -> 
         done = terminated or truncated
     env.close()
     return {"level": level, "seed": seed, "mission": info["mission"], "observations": observations[:-1],
-            "taken": taken, "labels": labels, "success": reward > 0}
+            "taken": taken, "labels": labels, "memory_steps": memory_steps, "success": reward > 0}
 
 
 def collect_transcripts(recipe: PlannerRecipe, path: Path) -> list[dict]:
     """Collect (or reload) the recipe's expert transcripts as JSON lines at `path`."""
     if path.exists():
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        episodes = [json.loads(line) for line in path.read_text().splitlines()]
+        if all("memory_steps" in e for e in episodes):
+            return episodes  # (files written before memory_steps existed are collected again)
     rng = random.Random(recipe.seed)
     episodes = []
     total = sum(recipe.episodes_per_level[lv] for lv in recipe.levels)
@@ -190,8 +199,10 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 # 3. encoding -----------------------------------------------------------------------------------------------------
 
-def encode_episode(tokenizer, episode: dict, max_tokens: int) -> tuple[list[int], list[int]]:
-    """Input ids of the whole episode and labels (-100 except on action tokens and their newline)."""
+def encode_episode(tokenizer, episode: dict, max_tokens: int,
+                   only_steps: set[int] | None = None) -> tuple[list[int], list[int]]:
+    """Input ids of the whole episode and labels (-100 except on action tokens and their newline; with
+    `only_steps`, only on those steps' actions)."""
     t = Transcript(episode["mission"], episode["observations"], episode["taken"])
     ids, labels = [tokenizer.bos_token_id], [-100]
     step = 0
@@ -200,6 +211,8 @@ def encode_episode(tokenizer, episode: dict, max_tokens: int) -> tuple[list[int]
         if kind == "action":
             expert = tokenizer.encode(f" {episode['labels'][step]}", add_special_tokens=False)[0]
             lab = [expert] + piece[1:]  # expert's word as the target; the taken word stays in the input
+            if only_steps is not None and step not in only_steps:
+                lab = [-100] * len(piece)
             step += 1
         else:
             lab = [-100] * len(piece)
@@ -219,6 +232,17 @@ def training_sequence(tokenizer, episode: dict, max_tokens: int) -> tuple[list[i
     lm = [-100 if d != -100 else t for t, d in zip(ids[1:] + [-100], labels)]
     prefix = 1 + len(tokenizer.encode(mission_segment(episode["mission"]), add_special_tokens=False))
     return ids, labels, lm, prefix
+
+
+def memory_rows(tokenizer, episodes: list[dict], recipe: PlannerRecipe) -> list[Row]:
+    """Whole episodes labelled only at their memory steps (the junction of MemoryS13): the decisions that need the
+    cue are one step in ~12, so under the plain loss they barely move the model (0.45 / 0.60 success)."""
+    out = []
+    for e in episodes:
+        if e.get("memory_steps"):
+            x, y = encode_episode(tokenizer, e, recipe.max_train_tokens, only_steps=set(e["memory_steps"]))
+            out.append(whole_row(x, y, [-100] * len(y)))
+    return out
 
 
 def training_rows(sequences, recipe: PlannerRecipe, phase: str) -> list[Row]:
@@ -339,6 +363,8 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
     n_tokens = sum(len(s[0]) for s in sequences)
     n_labels = sum(sum(1 for v in s[1] if v != -100) for s in sequences)
     window_rows, whole_rows = training_rows(sequences, recipe, "windows"), training_rows(sequences, recipe, "whole")
+    if recipe.memory_repeat:  # phase 2 also sees each episode's memory decisions alone, memory_repeat times
+        whole_rows = whole_rows + memory_rows(tokenizer, episodes, recipe) * recipe.memory_repeat
 
     model = build_model(recipe, len(tokenizer), tokenizer)
     opt = adamw_plain_embeddings(model, recipe.lr, recipe.weight_decay)

@@ -177,7 +177,9 @@ def load_samples(tokenizer, data: str | Path | None, n: int, seed: int, max_toke
             from thrifty.train.coop_planner import coop_saliency_samples
 
             out = coop_saliency_samples(tokenizer, records, n, rng, max_tokens)
-            desc.update(samples=len(out), per_team_size={k: sum(s.level == f"K{k}" for s in out) for k in (2, 4, 8)})
+            desc.update(samples=len(out), per_team_size={k: sum(s.level == f"K{k}" for s in out) for k in (2, 4, 8)},
+                        records_by_source={src: sum(r.get("source", "expert") == src for r in records)
+                                           for src in sorted({r.get("source", "expert") for r in records})})
             return out, desc
         episodes = records
     by_level: dict[str, list[dict]] = {}
