@@ -50,8 +50,8 @@ def train_coop_pruner_cmd(
     model: Optional[Path] = typer.Option(None, help="coop planner directory (default: the shipped one)"),
     out: Optional[Path] = typer.Option(None, help="pruner directory to write (default: the shipped asset's place)"),
     run_dir: Path = typer.Option(Path("runs/coop_pruner"), help="transcripts and the Stage 1 file"),
-    samples: int = typer.Option(300, min=1, help="Stage 1 decision samples (coop calls)"),
-    steps: int = typer.Option(120, min=1, help="Stage 2 optimisation steps"),
+    samples: int = typer.Option(600, min=1, help="Stage 1 decision samples (coop calls)"),
+    steps: int = typer.Option(300, min=1, help="Stage 2 optimisation steps"),
     layers: str = typer.Option("0,1,2", help="prune layers (after layer 0: every deeper layer sees only kept tokens)"),
     closed_loop_episodes: int = typer.Option(150, min=0, help="closed-loop planner episodes per team size added to "
                                              "the expert transcripts (0: expert transcripts only)"),
