@@ -256,3 +256,16 @@ def test_decision_changes_mark_each_robots_reassignments():
     calls = [{"agent": a, "label": lab} for a, lab in
              [(0, "explore 1"), (1, "wait"), (0, "explore 1"), (1, "goto red key"), (0, "goto red key"), (1, "wait")]]
     assert decision_changes(calls) == [0, 1, 3, 4, 5]
+
+
+def test_planner_transcripts_resume_after_a_cut_line(coop_model_dir, tmp_path):
+    """An interrupted run leaves a cut last line: it is dropped and that episode is played again; episodes already
+    written are kept, not replayed."""
+    from thrifty.train.coop_planner import write_planner_transcripts
+
+    path = tmp_path / "planner.jsonl"
+    write_planner_transcripts(path, coop_model_dir, team_sizes=(2,), episodes_per_size=2, first_seed=7)
+    first, second = path.read_text().splitlines()
+    path.write_text(first + "\n" + second[: len(second) // 2])
+    write_planner_transcripts(path, coop_model_dir, team_sizes=(2,), episodes_per_size=2, first_seed=7)
+    assert path.read_text().splitlines() == [first, second]

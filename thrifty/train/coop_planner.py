@@ -479,9 +479,16 @@ def write_planner_transcripts(path: Path, model_dir: str | Path, team_sizes=(8,)
     torch.set_num_threads(threads)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if path.is_file():
-        done = {(r["n_robots"], r["seed"]) for r in map(json.loads, path.read_text().splitlines()) if r}
+    kept: list[str] = []
+    if path.is_file():  # a line cut short by an interrupted run is dropped and its episode played again
+        for line in path.read_text().splitlines():
+            try:
+                json.loads(line)
+                kept.append(line)
+            except json.JSONDecodeError:
+                continue
+        path.write_text("".join(line + "\n" for line in kept))
+    done = {(r["n_robots"], r["seed"]) for r in map(json.loads, kept)}
     todo = [(k, first_seed + i) for k in team_sizes for i in range(episodes_per_size) if (k, first_seed + i) not in done]
     if not todo:
         return path
