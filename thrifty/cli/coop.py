@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -78,8 +79,9 @@ def train_coop_pruner_cmd(
     try:
         if closed_loop_episodes:  # the Stage 1 file reads one data file: expert records, then the planner's
             HFDecoder.check_dir(model)
-            planner = write_planner_transcripts(run_dir / "planner_transcripts.jsonl", model, sizes,
-                                                closed_loop_episodes, threads=threads)
+            weights = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(model).glob("*.safetensors"))))
+            planner = write_planner_transcripts(run_dir / f"planner_transcripts-{weights.hexdigest()[:12]}.jsonl",
+                                                model, sizes, closed_loop_episodes, threads=threads)
             data = run_dir / "coop_pruner_data.jsonl"
             data.write_text(expert.read_text() + planner.read_text())
         sal = train_saliency(model, run_dir / "saliency.safetensors", data=data,
