@@ -78,3 +78,18 @@ def test_memory_rows_label_only_the_memory_steps(tiny_planner_dir):
     words = [tok.decode([t]).strip() for t in dec if t != -100 and tok.decode([t]).strip()]
     assert words == [ep["labels"][s] for s in ep["memory_steps"]]
     assert all(v == -100 for v in lm)
+
+
+def test_memory_step_accuracy_scores_the_junction_of_each_episode(tiny_planner_dir, tmp_path):
+    import json
+
+    from thrifty.train.planner import collect_episode, memory_step_accuracy
+
+    eps = [collect_episode("MemoryS13", s, noise=0.0, rng=random.Random(s)) for s in range(3)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in eps))
+    out = memory_step_accuracy(tiny_planner_dir, path, episodes=5)
+    assert out["episodes"] == 3 and out["accuracy"] in (0, 1 / 3, 2 / 3, 1)
+    path.write_text(json.dumps(collect_episode("GoToLocal", 0, noise=0.0, rng=random.Random(0))) + "\n")
+    with pytest.raises(ValueError, match="no episode has memory steps"):
+        memory_step_accuracy(tiny_planner_dir, path)

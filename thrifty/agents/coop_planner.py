@@ -28,7 +28,8 @@ from pathlib import Path
 
 from thrifty.agents.coop import CoopConfig, run_coop_episode
 from thrifty.agents.coop_context import CoopContext, SharedContextTokens
-from thrifty.agents.coop_decision import decision_texts
+from thrifty.agents.coop_decision import DEFAULT_DECISION, decision_texts, parse_decision
+from thrifty.agents.coop_expert import expert_decision
 from thrifty.agents.planner import TextPlanner
 from thrifty.cost import CostRecord
 from thrifty.envs.babyai_text import EVAL_SEED_BASE
@@ -199,9 +200,6 @@ def collect_planner_transcript(planner: CoopPlanner, n_robots: int, seed: int,
     `label` = the expert's decision on the same context. Replaying the `taken` decisions reproduces the episode,
     so these records are Stage 1 data of the coop pruner from the contexts the planner itself produces (its own
     plans, at the team sizes where the expert transcripts' contexts differ most from closed-loop ones)."""
-    from thrifty.agents.coop_decision import DEFAULT_DECISION, parse_decision
-    from thrifty.agents.coop_expert import expert_decision
-
     planner.reset(seed)
     calls: list[dict] = []
 

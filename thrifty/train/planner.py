@@ -433,3 +433,25 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
     }
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return out_dir
+
+
+def memory_step_accuracy(model_dir: str | Path, transcripts: str | Path, episodes: int = 150, seed: int = 0) -> dict:
+    """Teacher-forced accuracy of a planner at the first memory step (MemoryS13: the turn at the junction) of
+    `episodes` transcripts drawn with `seed`: 0.5 on MemoryS13 means the cue-to-turn binding is not learned, even
+    on data the model was trained on (then the fault is optimisation, not generalisation)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).eval()
+    pool = [e for e in map(json.loads, Path(transcripts).read_text().splitlines()) if e.get("memory_steps")]
+    if not pool:
+        raise ValueError(f"{transcripts}: no episode has memory steps (collect MemoryS13 transcripts)")
+    picked = random.Random(seed).sample(pool, min(episodes, len(pool)))
+    right = 0
+    for e in picked:
+        ids, labels = encode_episode(tokenizer, e, 1 << 30, only_steps={e["memory_steps"][0]})
+        i = next(i for i, t in enumerate(labels) if t != -100)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[: i + 1]])).logits[0, -1]
+        right += int(logits.argmax()) == labels[i]
+    return {"accuracy": right / len(picked), "episodes": len(picked)}
