@@ -238,6 +238,7 @@ def failing_episode(job: Job) -> dict:
     return seeded_episode(job)
 
 
+@pytest.mark.own_process
 def test_run_jobs_on_ray_matches_in_process(tmp_path):
     ray = pytest.importorskip("ray")
     import ray.cloudpickle

@@ -67,6 +67,7 @@ def test_suites_and_techniques_are_listed():
     assert "full" in runner.invoke(app, ["techniques"]).output
 
 
+@pytest.mark.own_process
 def test_ray_gives_the_same_episodes_as_in_process(tmp_path, tiny_planner_dir):
     import ray
 
