@@ -86,6 +86,32 @@ def test_memory_expert_solves_the_level_after_seeing_the_cue():
         assert seen_at < len(ep["taken"]) - 2, seed  # seen before the final approach to the junction
 
 
+def test_memory_start_level_puts_the_cue_in_the_first_observation_only():
+    """MemoryS13Start: same grid and objects as MemoryS13 for a seed, but the agent starts beside the cue, so the
+    cue's type is named in observation 0 and in no later observation before the junction; the expert solves it."""
+    import random
+
+    from thrifty.train.planner import collect_episode
+
+    for seed in range(10):
+        start, base = BabyAITextEnv("MemoryS13Start"), BabyAITextEnv("MemoryS13")
+        start.reset(seed=seed)
+        base.reset(seed=seed)
+        a, b = start._env.unwrapped, base._env.unwrapped
+        assert a.grid.encode().tolist() == b.grid.encode().tolist()
+        assert tuple(a.success_pos) == tuple(b.success_pos)
+        assert tuple(a.agent_pos) == (1, a.height // 2) and a.agent_dir == 0
+        ep = collect_episode("MemoryS13Start", seed, noise=0.2 if seed % 2 else 0.0, rng=random.Random(seed))
+        assert ep["success"], seed
+        cue = a.grid.get(1, a.height // 2 - 1).type
+        assert ep["observations"][0].startswith(f"facing east; carrying nothing; green {cue} 1 left"), seed
+        junction = ep["memory_steps"][0]
+        assert ep["labels"][junction] in ("left", "right")
+        if seed % 2 == 0:  # the expert alone never looks back: later, the cue is only ever seen beside its twin
+            for obs in ep["observations"][1:junction]:
+                assert obs.count("green ") != 1, (seed, obs)
+
+
 def test_unknown_level_lists_the_memory_level_too():
     with pytest.raises(UnknownLevelError, match="MemoryS13"):
         level_id("MemoryS99")

@@ -32,6 +32,7 @@ import minigrid  # noqa: F401  (registers the BabyAI ids)
 import numpy as np
 from gymnasium import spaces
 from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT
+from minigrid.envs.memory import MemoryEnv
 from minigrid.utils.baby_ai_bot import BabyAIBot
 
 from thrifty.envs.memory_expert import MemoryExpert
@@ -47,10 +48,28 @@ LEVELS = {
 }
 """Short level name -> minigrid id. GoToObjMazeS4 is the multi-room level (long episodes, 1-2k-token contexts)."""
 
-MEMORY_LEVELS = {"MemoryS13": "MiniGrid-MemoryS13-v0"}
+
+
+class _MemoryStartEnv(MemoryEnv):
+    """MiniGrid-Memory with the agent starting beside the cue (the west end of the hallway, facing east) instead of
+    at a random cell of the hallway: the cue is in the first observation ("green key 1 left") and never again, so
+    the junction decision, a whole hallway later, needs exactly the oldest observation. Same grid, objects and
+    success rule as `MemoryEnv` for the same seed."""
+
+    def _gen_grid(self, width, height):
+        super()._gen_grid(width, height)
+        self.agent_pos = np.array((1, height // 2))
+        self.agent_dir = 0
+
+
+gym.register("thrifty/MemoryS13Start-v0", entry_point=_MemoryStartEnv, kwargs={"size": 13})
+
+MEMORY_LEVELS = {"MemoryS13": "MiniGrid-MemoryS13-v0", "MemoryS13Start": "thrifty/MemoryS13Start-v0"}
 """Levels whose decisions need old context: MiniGrid's Memory task (see `thrifty.envs.memory_expert`). Not in
-`LEVELS`, so the BabyAI planner's recipe and suites are unchanged; the `memory` suite and planner use it."""
-LEVEL_MAX_STEPS = {"MemoryS13": 96}
+`LEVELS`, so the BabyAI planner's recipe and suites are unchanged; the `memory` suite and planner use them.
+In MemoryS13 the agent starts anywhere in the hallway, so which earlier object was the cue must be inferred from
+headings and offsets; in MemoryS13Start the cue is always the object of the first observation."""
+LEVEL_MAX_STEPS = {"MemoryS13": 96, "MemoryS13Start": 96}
 """Step caps replacing minigrid's default (5 x 13^2 = 845 for MemoryS13; the expert needs at most ~40)."""
 
 EVAL_SEED_BASE = 1_000_000_000
