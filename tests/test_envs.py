@@ -105,6 +105,7 @@ def test_memory_start_level_puts_the_cue_in_the_first_observation_only():
         assert ep["success"], seed
         cue = a.grid.get(1, a.height // 2 - 1).type
         assert ep["observations"][0].startswith(f"facing east; carrying nothing; green {cue} 1 left"), seed
+        assert ep["cue_step"] == 0
         junction = ep["memory_steps"][0]
         assert ep["labels"][junction] in ("left", "right")
         if seed % 2 == 0:  # the expert alone never looks back: later, the cue is only ever seen beside its twin

@@ -65,19 +65,56 @@ def test_planner_sequences_label_actions_and_model_the_rest(tiny_planner_dir):
 
 
 def test_memory_rows_label_only_the_memory_steps(tiny_planner_dir):
-    """`memory_rows` holds the whole episode as input and labels exactly the expert's words at its memory steps."""
+    """`memory_rows` gives `memory_repeat` rows per Memory episode, the first the whole episode, each labelling
+    exactly the expert's words at its memory steps; BabyAI episodes give none."""
     from transformers import AutoTokenizer
 
-    from thrifty.train.planner import PlannerRecipe, collect_episode, memory_rows
+    from thrifty.train.planner import PlannerRecipe, collect_episode, encode_episode, memory_rows
 
     tok = AutoTokenizer.from_pretrained(str(tiny_planner_dir))
-    ep = collect_episode("MemoryS13", 2, noise=0.0, rng=random.Random(2))
-    rows = memory_rows(tok, [ep, collect_episode("GoToLocal", 0, noise=0.0, rng=random.Random(0))], PlannerRecipe())
-    assert len(rows) == 1  # the BabyAI episode has no memory step
-    ids, dec, lm = rows[0][:3]
-    words = [tok.decode([t]).strip() for t in dec if t != -100 and tok.decode([t]).strip()]
-    assert words == [ep["labels"][s] for s in ep["memory_steps"]]
-    assert all(v == -100 for v in lm)
+    ep = collect_episode("MemoryS13Start", 2, noise=0.0, rng=random.Random(2))
+    recipe = PlannerRecipe(memory_repeat=4)
+    rows = memory_rows(tok, [ep, collect_episode("GoToLocal", 0, noise=0.0, rng=random.Random(0))], recipe)
+    assert len(rows) == 4  # the BabyAI episode has no memory step
+    assert rows[0][0] == encode_episode(tok, ep, recipe.max_train_tokens)[0]  # the first copy is whole
+    assert len({len(r[0]) for r in rows}) > 1  # the others are shortened (seed 0 draws different lengths)
+    for ids, dec, lm in (r[:3] for r in rows):
+        words = [tok.decode([t]).strip() for t in dec if t != -100 and tok.decode([t]).strip()]
+        assert words == [ep["labels"][s] for s in ep["memory_steps"]]
+        assert all(v == -100 for v in lm)
+    assert memory_rows(tok, [ep], PlannerRecipe(memory_repeat=0)) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 40), noise=st.sampled_from([0.0, 0.2]), draw=st.integers(0, 2**31))
+def test_shorten_cue_gap_drops_only_steps_between_cue_and_decision(seed, noise, draw):
+    """Property: the shortened episode keeps every step up to the cue sighting and every step from the first memory
+    step on (same observations and labels), drops one contiguous run in between, and renumbers the memory steps."""
+    from thrifty.train.planner import collect_episode, shorten_cue_gap
+
+    ep = _memory_episode(seed, noise)
+    out = shorten_cue_gap(ep, random.Random(draw))
+    cue, first = ep["cue_step"], ep["memory_steps"][0]
+    n = len(ep["labels"]) - len(out["labels"])
+    assert 0 <= n <= max(0, first - cue - 1)
+    assert len(out["observations"]) == len(out["taken"]) == len(out["labels"])
+    assert out["memory_steps"] == [m - n for m in ep["memory_steps"]]
+    for key in ("observations", "taken", "labels"):
+        assert out[key][:cue + 1] == ep[key][:cue + 1]
+        assert out[key][first - n:] == ep[key][first:]
+    assert out["cue_step"] == cue
+
+
+_EPISODES: dict = {}
+
+
+def _memory_episode(seed: int, noise: float) -> dict:
+    from thrifty.train.planner import collect_episode
+
+    if (seed, noise) not in _EPISODES:
+        level = "MemoryS13" if seed % 2 else "MemoryS13Start"
+        _EPISODES[(seed, noise)] = collect_episode(level, seed, noise=noise, rng=random.Random(seed))
+    return _EPISODES[(seed, noise)]
 
 
 def test_memory_step_accuracy_scores_the_junction_of_each_episode(tiny_planner_dir, tmp_path):

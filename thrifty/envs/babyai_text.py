@@ -203,6 +203,12 @@ class BabyAITextEnv(gym.Env):
         self.expert_action()
         return isinstance(self._bot, MemoryExpert) and self._bot.needs_cue()
 
+    def expert_has_seen_cue(self) -> bool:
+        """Whether the Memory expert has seen the cue yet (at or before the current observation); always False on
+        the BabyAI levels."""
+        self.expert_action()
+        return isinstance(self._bot, MemoryExpert) and self._bot.cue_seen
+
     def step(self, action: int):
         if not self.action_space.contains(int(action)):
             raise ValueError(f"action must be an index in [0, {len(ACTIONS)}), got {action!r}")

@@ -64,8 +64,9 @@ class PlannerRecipe:
     """untied, and no weight decay on either embedding: tied, decayed ones collapsed the object-type words (mean
     cosine 0.75) and the planner never bound the mission's object to the observation (README, issue 2)"""
     memory_repeat: int = 0
-    """phase 2 adds every episode with memory steps (MemoryS13's junction) this many more times, labelled only at
-    those steps (`memory_rows`); 0 leaves the data as it is"""
+    """phase 2 adds every episode with memory steps (the Memory levels' junction) this many more times, labelled only
+    at those steps, all but the first copy with a shortened cue-to-junction gap (`memory_rows`); 0 leaves the data
+    as it is"""
     lm_weight: float = 0.25
     """weight of the language-modelling loss on the non-decision tokens, next to the decision loss"""
     window_tokens: int = 256
@@ -132,12 +133,16 @@ def _progress() -> Progress:
 
 def collect_episode(level: str, seed: int, noise: float, rng: random.Random) -> dict:
     """One expert episode; `labels[i]` is the expert's action at step i, `taken[i]` what was done, `memory_steps`
-    the steps whose expert action depends on something out of view (`BabyAITextEnv.expert_needs_memory`)."""
+    the steps whose expert action depends on something out of view (`BabyAITextEnv.expert_needs_memory`), and
+    `cue_step` the first observation in which the Memory expert saw the cue (None on BabyAI levels)."""
     env = BabyAITextEnv(level)
     obs, info = env.reset(seed=seed)
     observations, taken, labels, memory_steps = [obs], [], [], []
+    cue_step = None
     done, reward = False, 0.0
     while not done:
+        if cue_step is None and env.expert_has_seen_cue():
+            cue_step = len(labels)
         if env.expert_needs_memory():
             memory_steps.append(len(labels))
         expert = env.expert_action()
@@ -149,15 +154,16 @@ def collect_episode(level: str, seed: int, noise: float, rng: random.Random) -> 
         done = terminated or truncated
     env.close()
     return {"level": level, "seed": seed, "mission": info["mission"], "observations": observations[:-1],
-            "taken": taken, "labels": labels, "memory_steps": memory_steps, "success": reward > 0}
+            "taken": taken, "labels": labels, "memory_steps": memory_steps, "cue_step": cue_step,
+            "success": reward > 0}
 
 
 def collect_transcripts(recipe: PlannerRecipe, path: Path) -> list[dict]:
     """Collect (or reload) the recipe's expert transcripts as JSON lines at `path`."""
     if path.exists():
         episodes = [json.loads(line) for line in path.read_text().splitlines()]
-        if all("memory_steps" in e for e in episodes):
-            return episodes  # (files written before memory_steps existed are collected again)
+        if all("cue_step" in e for e in episodes):
+            return episodes  # (files written before memory_steps and cue_step existed are collected again)
     rng = random.Random(recipe.seed)
     episodes = []
     total = sum(recipe.episodes_per_level[lv] for lv in recipe.levels)
@@ -235,14 +241,35 @@ def training_sequence(tokenizer, episode: dict, max_tokens: int) -> tuple[list[i
 
 
 def memory_rows(tokenizer, episodes: list[dict], recipe: PlannerRecipe) -> list[Row]:
-    """Whole episodes labelled only at their memory steps (the junction of MemoryS13): the decisions that need the
-    cue are one step in ~12, so under the plain loss they barely move the model (0.45 / 0.60 success)."""
+    """`recipe.memory_repeat` rows per episode with memory steps (the junction of the Memory levels), labelled only
+    at those steps: the decisions that need the cue are one step in ~12, so under the plain loss they barely move
+    the model. The first copy is the whole episode; each other copy drops a random run of the steps between the cue
+    sighting and the first memory step (`shorten_cue_gap`), so the cue-to-turn binding is also seen at short
+    distances, where it is learned first (a curriculum over distance; evaluation episodes are never shortened)."""
+    rng = random.Random(recipe.seed)
     out = []
     for e in episodes:
-        if e.get("memory_steps"):
-            x, y = encode_episode(tokenizer, e, recipe.max_train_tokens, only_steps=set(e["memory_steps"]))
+        if not e.get("memory_steps"):
+            continue
+        for copy in range(recipe.memory_repeat):
+            ep = e if copy == 0 else shorten_cue_gap(e, rng)
+            x, y = encode_episode(tokenizer, ep, recipe.max_train_tokens, only_steps=set(ep["memory_steps"]))
             out.append(whole_row(x, y, [-100] * len(y)))
     return out
+
+
+def shorten_cue_gap(episode: dict, rng: random.Random) -> dict:
+    """A copy of `episode` without a random contiguous run (0 to all) of the steps strictly between `cue_step` and
+    the first memory step; memory steps are renumbered. Unchanged when the episode has no `cue_step`."""
+    cue, first = episode.get("cue_step"), min(episode["memory_steps"], default=None)
+    if cue is None or first is None or first - cue < 2:
+        return episode
+    n = rng.randint(0, first - cue - 1)  # how many of the first - cue - 1 middle steps to drop
+    start = rng.randint(cue + 1, first - n)
+    keep = [i for i in range(len(episode["labels"])) if not start <= i < start + n]
+    return {**episode, "observations": [episode["observations"][i] for i in keep],
+            "taken": [episode["taken"][i] for i in keep], "labels": [episode["labels"][i] for i in keep],
+            "memory_steps": [m - n for m in episode["memory_steps"]], "cue_step": cue}
 
 
 def training_rows(sequences, recipe: PlannerRecipe, phase: str) -> list[Row]:
@@ -364,7 +391,7 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
     n_labels = sum(sum(1 for v in s[1] if v != -100) for s in sequences)
     window_rows, whole_rows = training_rows(sequences, recipe, "windows"), training_rows(sequences, recipe, "whole")
     if recipe.memory_repeat:  # phase 2 also sees each episode's memory decisions alone, memory_repeat times
-        whole_rows = whole_rows + memory_rows(tokenizer, episodes, recipe) * recipe.memory_repeat
+        whole_rows = whole_rows + memory_rows(tokenizer, episodes, recipe)
 
     model = build_model(recipe, len(tokenizer), tokenizer)
     opt = adamw_plain_embeddings(model, recipe.lr, recipe.weight_decay)
