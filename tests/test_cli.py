@@ -62,6 +62,23 @@ def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_d
     assert r2.exit_code == 0 and len(out.read_text().splitlines()) == 1 + len(configs)
 
 
+def test_memory_suite_runs_its_level_and_pins_its_own_planner_and_pruner(tmp_path, tiny_planner_dir,
+                                                                        tiny_pruner_path):
+    """`memory` defaults to the memory planner and pruner (not the BabyAI ones); --model/--pruner override both."""
+    from thrifty.bench.suites import MEMORY_PLANNER, MEMORY_PRUNER
+
+    spec = get_suite("memory")
+    assert spec.model == MEMORY_PLANNER and spec.levels == ("MemoryS13Start",)
+    assert all(c.settings["pruner"] == str(MEMORY_PRUNER) for c in spec.configs if c.technique == "token_pruning")
+    out = tmp_path / "memory.jsonl"
+    r = runner.invoke(app, ["bench", "memory", "--out", str(out), "--model", str(tiny_planner_dir), "--episodes", "1",
+                            "--threads", "1", "--max-steps", "4", "--pruner", str(tiny_pruner_path)])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()[1:]]
+    assert [x["config"] for x in lines] == [c.name for c in spec.configs]
+    assert all(x["level"] == "MemoryS13Start" and x["steps"] <= 4 for x in lines)
+
+
 def test_suites_and_techniques_are_listed():
     assert "demo" in runner.invoke(app, ["suites"]).output
     assert "full" in runner.invoke(app, ["techniques"]).output

@@ -18,7 +18,11 @@ import torch
 from thrifty.bench.results import Job
 from thrifty.envs.babyai_text import LEVELS, eval_seed, level_id
 
-SHIPPED_PLANNER = Path(__file__).resolve().parent.parent / "assets" / "planner"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_PLANNER = ASSETS / "planner"
+MEMORY_PLANNER = ASSETS / "memory_planner"
+"""The planner trained on MemoryS13Start (`thrifty train planner --levels MemoryS13Start`, see its card)."""
+MEMORY_PRUNER = ASSETS / "memory_pruner" / "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class Suite:
     """episodes per (config, level), on evaluation seeds eval_seed(0..episodes-1)"""
     max_steps: int | None = None
     """cap on environment steps per episode (None: each level's own limit)"""
+    model: Path | None = None
+    """the planner this suite runs by default (None: the shipped BabyAI planner); `--model` overrides it"""
 
     def jobs(self, episodes: int | None = None, levels: tuple[str, ...] | None = None) -> list[Job]:
         n = self.episodes if episodes is None else episodes
@@ -68,6 +74,21 @@ PRUNING_TECHNIQUES = ("token_pruning", "random_pruning", "recency_pruning", "sin
 def _pruned(technique: str, keep_ratio: float) -> BenchConfig:
     return BenchConfig(f"{technique}@{keep_ratio:g}", technique, {"keep_ratio": keep_ratio})
 
+def with_pruner(configs: tuple[BenchConfig, ...], pruner: str | None) -> tuple[BenchConfig, ...]:
+    """The configs with `pruner` (a checkpoint path) given to every token_pruning part; unchanged when None."""
+    if not pruner:
+        return configs
+    out = []
+    for c in configs:
+        settings = json.loads(json.dumps(c.settings))
+        if c.technique == "token_pruning":
+            settings["pruner"] = str(pruner)
+        elif c.technique == "composed" and "token_pruning" in settings.get("techniques", []):
+            settings.setdefault("part_settings", {}).setdefault("token_pruning", {})["pruner"] = str(pruner)
+        out.append(BenchConfig(c.name, c.technique, settings, c.replan))
+    return tuple(out)
+
+
 SUITES: dict[str, Suite] = {
     "demo": Suite("demo", "the shipped planner on BabyAI-Text: full model, prefix reuse, learned token pruning and "
                   "its count-matched baselines, reuse + token pruning",
@@ -92,6 +113,13 @@ SUITES: dict[str, Suite] = {
                     *(BenchConfig(f"store-only-{b // 2**10}KiB", "prefix_reuse",
                                   {"keep_session": False, "store_bytes": b}) for b in (2**18, 2**20, 2**22, 2**26))),
                    episodes=10),
+    # memory: the level where old context decides the outcome (the cue, one hallway before the junction), with
+    # the planner and pruner trained for it; the BabyAI levels above need little beyond the newest observations.
+    "memory": Suite("memory", "learned token pruning against random, recency and sink+window pruning at the same "
+                    "token counts on MemoryS13Start, whose junction decision needs the oldest observation",
+                    (BenchConfig("full"), *with_pruner(tuple(_pruned(t, k) for k in (PRUNING_KEEP, 0.4)
+                                                             for t in PRUNING_TECHNIQUES), str(MEMORY_PRUNER))),
+                    levels=("MemoryS13Start",), episodes=40, model=MEMORY_PLANNER),
     "replan": Suite("replan", "replanning at every step vs only when the observation changed",
                     (BenchConfig("full"), BenchConfig("full-on-change", replan="on_change")), episodes=20),
 }
@@ -105,21 +133,6 @@ def get_suite(name: str) -> Suite:
     if name not in SUITES:
         raise UnknownSuiteError(f"unknown suite {name!r}; available suites: {', '.join(SUITES)}")
     return SUITES[name]
-
-
-def with_pruner(configs: tuple[BenchConfig, ...], pruner: str | None) -> tuple[BenchConfig, ...]:
-    """The configs with `pruner` (a checkpoint path) given to every token_pruning part; unchanged when None."""
-    if not pruner:
-        return configs
-    out = []
-    for c in configs:
-        settings = json.loads(json.dumps(c.settings))
-        if c.technique == "token_pruning":
-            settings["pruner"] = str(pruner)
-        elif c.technique == "composed" and "token_pruning" in settings.get("techniques", []):
-            settings.setdefault("part_settings", {}).setdefault("token_pruning", {})["pruner"] = str(pruner)
-        out.append(BenchConfig(c.name, c.technique, settings, c.replan))
-    return tuple(out)
 
 
 def check_configs(configs: tuple[BenchConfig, ...], model_dir: str | Path) -> None:

@@ -18,11 +18,12 @@ def bench(
     out: Optional[Path] = typer.Option(None, help="results file (JSON lines); default results/SUITE.jsonl"),
     episodes: Optional[int] = typer.Option(None, min=1, help="episodes per configuration and level"),
     level: Optional[list[str]] = typer.Option(None, help="restrict to these levels (repeatable)"),
-    model: Optional[Path] = typer.Option(None, help="planner model directory (default: the shipped planner)"),
+    model: Optional[Path] = typer.Option(None, help="planner model directory (default: the suite's planner, the "
+                                                   "shipped BabyAI one except for `memory`)"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads per episode (default 2)"),
     max_steps: Optional[int] = typer.Option(None, min=1, help="cap on environment steps per episode"),
     pruner: Optional[Path] = typer.Option(None, help="pruner checkpoint for token_pruning configs (default: the "
-                                                     "shipped one, which fits only the shipped planner)"),
+                                                     "suite's, which fits only the suite's planner)"),
     ray: bool = typer.Option(False, "--ray", help="run the episodes as Ray tasks"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local cluster)"),
     by_level: bool = typer.Option(True, help="one table row per configuration and level"),
@@ -52,12 +53,12 @@ def bench(
         levels = check_levels(level)
     except (UnknownSuiteError, UnknownLevelError) as e:
         fail(str(e))
-    model_dir = Path(model) if model else SHIPPED_PLANNER
+    model_dir = Path(model) if model else (spec.model or SHIPPED_PLANNER)
     try:
         from thrifty.backbones import HFDecoder
         HFDecoder.check_dir(model_dir)
     except ModelLoadError as e:
-        hint = " (rebuild the shipped planner with `thrifty train planner`)" if model is None else ""
+        hint = " (rebuild it with the command in the README)" if model is None else ""
         fail(f"{e}{hint}")
     if pruner is not None or any("token_pruning" in json.dumps(c.as_dict()) for c in spec.configs):
         spec = dataclasses.replace(spec, configs=with_pruner(spec.configs, str(pruner) if pruner else None))
