@@ -75,6 +75,31 @@ def test_saliency_is_padding_invariant(planner_dir):
             assert torch.allclose(alone[l][0], batch[l][i], atol=1e-7, rtol=1e-4)
 
 
+def test_memory_share_cuts_memory_episodes_at_their_memory_steps(planner_dir):
+    """memory_share=1: every sample of a Memory episode is the context before one of its memory steps (the junction);
+    memory_share=0: cuts are uniform, so most are elsewhere. Episodes without memory steps are unaffected."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from thrifty.train.planner import collect_episode
+    from thrifty.train.saliency import planner_sample
+
+    model, _ = planner_dir
+    tok = AutoTokenizer.from_pretrained(str(model))
+    eps = [collect_episode("MemoryS13Start", s, noise=0.0, rng=random.Random(s)) for s in range(4)]
+    at_memory = {tuple(planner_sample(tok, e, m).ids) for e in eps for m in e["memory_steps"]}
+    samples, desc = load_samples(tok, None, 12, seed=0, min_prunable=1, episodes=eps, memory_share=1.0)
+    assert len(samples) == 12 and all(tuple(s.ids) in at_memory for s in samples)
+    assert desc["memory_share"] == 1.0
+    samples, _ = load_samples(tok, None, 24, seed=0, min_prunable=1, episodes=eps, memory_share=0.0)
+    assert sum(tuple(s.ids) in at_memory for s in samples) < 12
+    gtl = [collect_episode("GoToLocal", s, noise=0.0, rng=random.Random(s)) for s in range(3)]
+    a, d = load_samples(tok, None, 6, seed=0, min_prunable=1, episodes=gtl, memory_share=1.0)
+    b, _ = load_samples(tok, None, 6, seed=0, min_prunable=1, episodes=gtl, memory_share=0.0)
+    assert [s.ids for s in a] == [s.ids for s in b] and "memory_share" not in d
+
+
 def test_dolly_records(planner_dir, tmp_path):
     model, _ = planner_dir
     recs = [{"instruction": "go to the red ball", "context": "the ball is to the left of the door " * 3,

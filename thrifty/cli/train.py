@@ -69,6 +69,8 @@ def train_saliency_cmd(
     out: Path = typer.Option(Path("runs/pruner/saliency.safetensors"), help="saliency file to write"),
     layers: Optional[str] = typer.Option(None, help="prune layers, e.g. 1,2,3 (default: derived from depth)"),
     samples: int = typer.Option(1500, min=1, help="decision samples"),
+    memory_share: float = typer.Option(0.5, help="share of cuts at the memory steps of episodes that have them "
+                                                 "(the Memory levels' junction)"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, min=1, help="torch threads"),
 ) -> None:
@@ -79,7 +81,8 @@ def train_saliency_cmd(
 
     try:
         path = train_saliency(model or SHIPPED_PLANNER, out, data=data, layers=_layers(layers), samples=samples,
-                              seed=seed, threads=threads, command="thrifty " + " ".join(sys.argv[1:]))
+                              seed=seed, threads=threads, command="thrifty " + " ".join(sys.argv[1:]),
+                              memory_share=memory_share)
     except (ModelLoadError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     console.print(f"saliency written to {path}; next: `thrifty train pruner --saliency {path}`")

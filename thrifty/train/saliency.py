@@ -63,6 +63,9 @@ class SaliencyRecipe:
     """longer samples are skipped"""
     min_prunable: int = 24
     """planner samples with fewer tokens outside mission, current observation, first 4 and newest 16 are skipped"""
+    memory_share: float = 0.5
+    """planner episodes with memory steps (the Memory levels' junction) are cut at one of those steps with this
+    probability: elsewhere the decision rarely needs old context, so uniform cuts teach the pruner to drop it"""
     tokens_per_batch: int = 6000
     seed: int = 0
     threads: int = 1
@@ -141,11 +144,13 @@ def _prunable(sample: Sample, sink: int = 4, recent: int = 16) -> int:
 
 
 def load_samples(tokenizer, data: str | Path | None, n: int, seed: int, max_tokens: int = 2048,
-                 min_prunable: int = 24, episodes: list[dict] | None = None) -> tuple[list[Sample], dict]:
+                 min_prunable: int = 24, episodes: list[dict] | None = None,
+                 memory_share: float = 0.5) -> tuple[list[Sample], dict]:
     """`n` samples from `data` (None: the planner transcripts, collected afresh if none are on disk).
 
-    Planner samples: episodes drawn level by level in turn, each cut at a uniformly random step; cuts whose
-    context has fewer than `min_prunable` prunable tokens are redrawn (they teach nothing). Returns the samples
+    Planner samples: episodes drawn level by level in turn, each cut at a uniformly random step (an episode with
+    memory steps: at one of them with probability `memory_share`); cuts whose context has fewer than
+    `min_prunable` prunable tokens are redrawn (they teach nothing). Returns the samples
     and a description of the data for the metadata.
     """
     rng = random.Random(seed)
@@ -192,12 +197,18 @@ def load_samples(tokenizer, data: str | Path | None, n: int, seed: int, max_toke
         tries += 1
         level = levels[len(out) % len(levels)]
         ep = rng.choice(by_level[level])
-        step = rng.randrange(len(ep["observations"]))
+        memory = ep.get("memory_steps") or []  # (no draw without them: BabyAI samples are as before)
+        if memory and rng.random() < memory_share:
+            step = rng.choice(memory)
+        else:
+            step = rng.randrange(len(ep["observations"]))
         s = planner_sample(tokenizer, ep, step)
         if len(s.ids) <= max_tokens and _prunable(s) >= min_prunable:
             out.append(s)
     desc["samples"] = len(out)
     desc["per_level"] = {lv: sum(1 for s in out if s.level == lv) for lv in levels}
+    if any(e.get("memory_steps") for e in episodes):
+        desc["memory_share"] = memory_share
     return out, desc
 
 
@@ -382,15 +393,17 @@ def _cumsum(xs: list[int]):
 
 def train_saliency(model_dir: str | Path, out: str | Path, data: str | Path | None = None,
                    layers: tuple[int, ...] | list[int] | None = None, samples: int = 1500, seed: int = 0,
-                   max_tokens: int = 2048, threads: int = 1, command: str = "") -> Path:
+                   max_tokens: int = 2048, threads: int = 1, command: str = "", memory_share: float = 0.5) -> Path:
     """Stage 1: write the saliency file `out` for the model in `model_dir` (see the module docstring)."""
     from transformers import AutoTokenizer
 
     from thrifty.techniques.pruning_common import check_prune_layers, default_prune_layers
     from thrifty.techniques.token_pruning import model_fingerprint
 
+    if not 0.0 <= memory_share <= 1.0:
+        raise ValueError(f"memory_share must be in [0, 1], got {memory_share}")
     recipe = SaliencyRecipe(samples=samples, layers=tuple(layers) if layers else None, max_tokens=max_tokens,
-                            seed=seed, threads=threads)
+                            seed=seed, threads=threads, memory_share=memory_share)
     torch.set_num_threads(recipe.threads)
     t0 = time.time()
     backbone = HFDecoder.load(model_dir)
@@ -398,7 +411,7 @@ def train_saliency(model_dir: str | Path, out: str | Path, data: str | Path | No
     n_layers = backbone.n_layers
     prune_layers = check_prune_layers(recipe.layers, n_layers) if recipe.layers else default_prune_layers(n_layers)
     data_samples, desc = load_samples(tokenizer, data, recipe.samples, recipe.seed, recipe.max_tokens,
-                                      recipe.min_prunable)
+                                      recipe.min_prunable, memory_share=recipe.memory_share)
     if not data_samples:
         raise ValueError(f"no usable samples in {desc.get('source')}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
