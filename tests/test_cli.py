@@ -68,7 +68,7 @@ def test_memory_suite_runs_its_level_and_pins_its_own_planner_and_pruner(tmp_pat
     from thrifty.bench.suites import MEMORY_PLANNER, MEMORY_PRUNER
 
     spec = get_suite("memory")
-    assert spec.model == MEMORY_PLANNER and spec.levels == ("MemoryS13Start",)
+    assert spec.model == MEMORY_PLANNER and spec.levels == ("MemoryRecallS13",)
     assert all(c.settings["pruner"] == str(MEMORY_PRUNER) for c in spec.configs if c.technique == "token_pruning")
     out = tmp_path / "memory.jsonl"
     r = runner.invoke(app, ["bench", "memory", "--out", str(out), "--model", str(tiny_planner_dir), "--episodes", "1",
@@ -76,7 +76,7 @@ def test_memory_suite_runs_its_level_and_pins_its_own_planner_and_pruner(tmp_pat
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in out.read_text().splitlines()[1:]]
     assert [x["config"] for x in lines] == [c.name for c in spec.configs]
-    assert all(x["level"] == "MemoryS13Start" and x["steps"] <= 4 for x in lines)
+    assert all(x["level"] == "MemoryRecallS13" and x["steps"] <= 4 for x in lines)
 
 
 def test_suites_and_techniques_are_listed():

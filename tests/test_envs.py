@@ -86,31 +86,37 @@ def test_memory_expert_solves_the_level_after_seeing_the_cue():
         assert seen_at < len(ep["taken"]) - 2, seed  # seen before the final approach to the junction
 
 
-def test_memory_start_level_puts_the_cue_in_the_first_observation_only():
-    """MemoryS13Start: same grid and objects as MemoryS13 for a seed, but the agent starts beside the cue, so the
-    cue's type is named in observation 0 and in no later observation before the junction; the expert solves it."""
+def test_memory_recall_level_puts_the_cue_in_the_first_observation_and_fixes_the_turn():
+    """MemoryRecallS13: MemoryS13's walls and cue for a seed, but the agent starts beside the cue and the key is
+    always north, the ball south of the junction; so the cue is named in observation 0 (cue_step 0) and the expert's
+    turn at the junction is left for a key cue, right for a ball cue; the expert solves it."""
     import random
 
     from thrifty.train.planner import collect_episode
 
+    turns = set()
     for seed in range(10):
-        start, base = BabyAITextEnv("MemoryS13Start"), BabyAITextEnv("MemoryS13")
-        start.reset(seed=seed)
+        recall, base = BabyAITextEnv("MemoryRecallS13"), BabyAITextEnv("MemoryS13")
+        recall.reset(seed=seed)
         base.reset(seed=seed)
-        a, b = start._env.unwrapped, base._env.unwrapped
-        assert a.grid.encode().tolist() == b.grid.encode().tolist()
-        assert tuple(a.success_pos) == tuple(b.success_pos)
-        assert tuple(a.agent_pos) == (1, a.height // 2) and a.agent_dir == 0
-        ep = collect_episode("MemoryS13Start", seed, noise=0.2 if seed % 2 else 0.0, rng=random.Random(seed))
+        a, b = recall._env.unwrapped, base._env.unwrapped
+        x, h = a.success_pos[0], a.height
+        walls = lambda env: [c is not None and c.type == "wall" for c in env.grid.grid]  # noqa: E731
+        assert walls(a) == walls(b) and a.grid.get(1, h // 2 - 1).type == b.grid.get(1, h // 2 - 1).type
+        assert a.grid.get(x, h // 2 - 2).type == "key" and a.grid.get(x, h // 2 + 2).type == "ball"
+        assert tuple(a.agent_pos) == (1, h // 2) and a.agent_dir == 0
+        ep = collect_episode("MemoryRecallS13", seed, noise=0.2 if seed % 2 else 0.0, rng=random.Random(seed))
         assert ep["success"], seed
-        cue = a.grid.get(1, a.height // 2 - 1).type
+        cue = a.grid.get(1, h // 2 - 1).type
         assert ep["observations"][0].startswith(f"facing east; carrying nothing; green {cue} 1 left"), seed
         assert ep["cue_step"] == 0
-        junction = ep["memory_steps"][0]
-        assert ep["labels"][junction] in ("left", "right")
-        if seed % 2 == 0:  # the expert alone never looks back: later, the cue is only ever seen beside its twin
-            for obs in ep["observations"][1:junction]:
+        if seed % 2 == 0:  # the expert alone: straight down the hallway, then the cue's turn
+            turn = ep["labels"][ep["memory_steps"][0]]
+            assert turn == ("left" if cue == "key" else "right"), (seed, cue, turn)
+            turns.add(turn)
+            for obs in ep["observations"][1:ep["memory_steps"][0]]:  # never the cue alone again
                 assert obs.count("green ") != 1, (seed, obs)
+    assert turns == {"left", "right"}
 
 
 def test_unknown_level_lists_the_memory_level_too():

@@ -87,7 +87,7 @@ def test_memory_share_cuts_memory_episodes_at_their_memory_steps(planner_dir):
 
     model, _ = planner_dir
     tok = AutoTokenizer.from_pretrained(str(model))
-    eps = [collect_episode("MemoryS13Start", s, noise=0.0, rng=random.Random(s)) for s in range(4)]
+    eps = [collect_episode("MemoryRecallS13", s, noise=0.0, rng=random.Random(s)) for s in range(4)]
     at_memory = {tuple(planner_sample(tok, e, m).ids) for e in eps for m in e["memory_steps"]}
     samples, desc = load_samples(tok, None, 12, seed=0, min_prunable=1, episodes=eps, memory_share=1.0)
     assert len(samples) == 12 and all(tuple(s.ids) in at_memory for s in samples)

@@ -72,7 +72,7 @@ def test_memory_rows_label_only_the_memory_steps(tiny_planner_dir):
     from thrifty.train.planner import PlannerRecipe, collect_episode, encode_episode, memory_rows
 
     tok = AutoTokenizer.from_pretrained(str(tiny_planner_dir))
-    ep = collect_episode("MemoryS13Start", 2, noise=0.0, rng=random.Random(2))
+    ep = collect_episode("MemoryRecallS13", 2, noise=0.0, rng=random.Random(2))
     recipe = PlannerRecipe(memory_repeat=4)
     rows = memory_rows(tok, [ep, collect_episode("GoToLocal", 0, noise=0.0, rng=random.Random(0))], recipe)
     assert len(rows) == 4  # the BabyAI episode has no memory step
@@ -112,7 +112,7 @@ def _memory_episode(seed: int, noise: float) -> dict:
     from thrifty.train.planner import collect_episode
 
     if (seed, noise) not in _EPISODES:
-        level = "MemoryS13" if seed % 2 else "MemoryS13Start"
+        level = "MemoryS13" if seed % 2 else "MemoryRecallS13"
         _EPISODES[(seed, noise)] = collect_episode(level, seed, noise=noise, rng=random.Random(seed))
     return _EPISODES[(seed, noise)]
 

@@ -21,7 +21,7 @@ from thrifty.envs.babyai_text import LEVELS, eval_seed, level_id
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_PLANNER = ASSETS / "planner"
 MEMORY_PLANNER = ASSETS / "memory_planner"
-"""The planner trained on MemoryS13Start (`thrifty train planner --levels MemoryS13Start`, see its card)."""
+"""The planner trained on MemoryRecallS13 (`thrifty train planner --levels MemoryRecallS13`, see its card)."""
 MEMORY_PRUNER = ASSETS / "memory_pruner" / "model.safetensors"
 
 
@@ -116,10 +116,10 @@ SUITES: dict[str, Suite] = {
     # memory: the level where old context decides the outcome (the cue, one hallway before the junction), with
     # the planner and pruner trained for it; the BabyAI levels above need little beyond the newest observations.
     "memory": Suite("memory", "learned token pruning against random, recency and sink+window pruning at the same "
-                    "token counts on MemoryS13Start, whose junction decision needs the oldest observation",
+                    "token counts on MemoryRecallS13, whose junction decision needs the oldest observation",
                     (BenchConfig("full"), *with_pruner(tuple(_pruned(t, k) for k in (PRUNING_KEEP, 0.4)
                                                              for t in PRUNING_TECHNIQUES), str(MEMORY_PRUNER))),
-                    levels=("MemoryS13Start",), episodes=40, model=MEMORY_PLANNER),
+                    levels=("MemoryRecallS13",), episodes=40, model=MEMORY_PLANNER),
     "replan": Suite("replan", "replanning at every step vs only when the observation changed",
                     (BenchConfig("full"), BenchConfig("full-on-change", replan="on_change")), episodes=20),
 }

@@ -32,6 +32,7 @@ import minigrid  # noqa: F401  (registers the BabyAI ids)
 import numpy as np
 from gymnasium import spaces
 from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT
+from minigrid.core.world_object import Ball, Key
 from minigrid.envs.memory import MemoryEnv
 from minigrid.utils.baby_ai_bot import BabyAIBot
 
@@ -50,26 +51,36 @@ LEVELS = {
 
 
 
-class _MemoryStartEnv(MemoryEnv):
-    """MiniGrid-Memory with the agent starting beside the cue (the west end of the hallway, facing east) instead of
-    at a random cell of the hallway: the cue is in the first observation ("green key 1 left") and never again, so
-    the junction decision, a whole hallway later, needs exactly the oldest observation. Same grid, objects and
-    success rule as `MemoryEnv` for the same seed."""
+class _MemoryRecallEnv(MemoryEnv):
+    """MiniGrid-Memory reduced to recalling one old observation: the agent starts beside the cue (the west end of the
+    hallway, facing east) instead of at a random cell of the hallway, and the two objects at the east end are always
+    the key to the north and the ball to the south. So the cue is named in the first observation ("green key 1
+    left") and never again, and the turn at the junction, a whole hallway later, is a function of the cue alone
+    (key: left, ball: right). In `MemoryEnv` the turn is the cue's type XOR the random placement, which a 2.5M
+    planner trained by behaviour cloning did not learn (p(left) stayed constant; README). Walls, cue and success
+    rule are `MemoryEnv`'s for the same seed."""
 
     def _gen_grid(self, width, height):
         super()._gen_grid(width, height)
         self.agent_pos = np.array((1, height // 2))
         self.agent_dir = 0
+        x = self.success_pos[0]  # hallway_end + 1: the column of both objects
+        north, south = (x, height // 2 - 2), (x, height // 2 + 2)
+        self.grid.set(*north, Key("green"))
+        self.grid.set(*south, Ball("green"))
+        cue_is_key = self.grid.get(1, height // 2 - 1).type == "key"
+        self.success_pos, self.failure_pos = ((x, north[1] + 1), (x, south[1] - 1)) if cue_is_key else \
+            ((x, south[1] - 1), (x, north[1] + 1))
 
 
-gym.register("thrifty/MemoryS13Start-v0", entry_point=_MemoryStartEnv, kwargs={"size": 13})
+gym.register("thrifty/MemoryRecallS13-v0", entry_point=_MemoryRecallEnv, kwargs={"size": 13})
 
-MEMORY_LEVELS = {"MemoryS13": "MiniGrid-MemoryS13-v0", "MemoryS13Start": "thrifty/MemoryS13Start-v0"}
+MEMORY_LEVELS = {"MemoryS13": "MiniGrid-MemoryS13-v0", "MemoryRecallS13": "thrifty/MemoryRecallS13-v0"}
 """Levels whose decisions need old context: MiniGrid's Memory task (see `thrifty.envs.memory_expert`). Not in
 `LEVELS`, so the BabyAI planner's recipe and suites are unchanged; the `memory` suite and planner use them.
-In MemoryS13 the agent starts anywhere in the hallway, so which earlier object was the cue must be inferred from
-headings and offsets; in MemoryS13Start the cue is always the object of the first observation."""
-LEVEL_MAX_STEPS = {"MemoryS13": 96, "MemoryS13Start": 96}
+In MemoryS13 the agent starts anywhere in the hallway and the junction's objects are placed at random, so the turn
+is the cue XOR the placement; MemoryRecallS13 (`_MemoryRecallEnv`) makes it a recall of the first observation."""
+LEVEL_MAX_STEPS = {"MemoryS13": 96, "MemoryRecallS13": 96}
 """Step caps replacing minigrid's default (5 x 13^2 = 845 for MemoryS13; the expert needs at most ~40)."""
 
 EVAL_SEED_BASE = 1_000_000_000
