@@ -63,13 +63,21 @@ def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_d
 
 
 def test_memory_suite_runs_its_level_and_pins_its_own_planner_and_pruner(tmp_path, tiny_planner_dir,
-                                                                        tiny_pruner_path):
-    """`memory` defaults to the memory planner and pruner (not the BabyAI ones); --model/--pruner override both."""
-    from thrifty.bench.suites import MEMORY_PLANNER, MEMORY_PRUNER
+                                                                        tiny_pruner_path, monkeypatch):
+    """`memory` defaults to the memory planner and pruner (not the BabyAI ones) and prunes from layer 0 on; it runs
+    end to end on MemoryRecallS13 (here with the tiny 3-layer planner, so at its one prunable layer)."""
+    import dataclasses
+
+    from thrifty.bench.suites import MEMORY_PLANNER, MEMORY_PRUNE_LAYERS, MEMORY_PRUNER, SUITES
 
     spec = get_suite("memory")
     assert spec.model == MEMORY_PLANNER and spec.levels == ("MemoryRecallS13",)
-    assert all(c.settings["pruner"] == str(MEMORY_PRUNER) for c in spec.configs if c.technique == "token_pruning")
+    pruned = [c for c in spec.configs if c.technique != "full"]
+    assert pruned and all(c.settings["layers"] == list(MEMORY_PRUNE_LAYERS) for c in pruned)
+    assert all(c.settings["pruner"] == str(MEMORY_PRUNER) for c in pruned if c.technique == "token_pruning")
+    tiny = tuple(dataclasses.replace(c, settings={k: v for k, v in c.settings.items() if k not in ("layers", "pruner")})
+                 for c in spec.configs)
+    monkeypatch.setitem(SUITES, "memory", dataclasses.replace(spec, configs=tiny))
     out = tmp_path / "memory.jsonl"
     r = runner.invoke(app, ["bench", "memory", "--out", str(out), "--model", str(tiny_planner_dir), "--episodes", "1",
                             "--threads", "1", "--max-steps", "4", "--pruner", str(tiny_pruner_path)])

@@ -23,6 +23,7 @@ SHIPPED_PLANNER = ASSETS / "planner"
 MEMORY_PLANNER = ASSETS / "memory_planner"
 """The planner trained on MemoryRecallS13 (`thrifty train planner --levels MemoryRecallS13`, see its card)."""
 MEMORY_PRUNER = ASSETS / "memory_pruner" / "model.safetensors"
+MEMORY_PRUNE_LAYERS = (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,9 @@ PRUNING_TECHNIQUES = ("token_pruning", "random_pruning", "recency_pruning", "sin
 """The learned pruner and its three token-count-matched baselines (same kept count at every layer)."""
 
 
-def _pruned(technique: str, keep_ratio: float) -> BenchConfig:
-    return BenchConfig(f"{technique}@{keep_ratio:g}", technique, {"keep_ratio": keep_ratio})
+def _pruned(technique: str, keep_ratio: float, layers: tuple[int, ...] | None = None) -> BenchConfig:
+    settings = {"keep_ratio": keep_ratio, **({"layers": list(layers)} if layers else {})}
+    return BenchConfig(f"{technique}@{keep_ratio:g}", technique, settings)
 
 def with_pruner(configs: tuple[BenchConfig, ...], pruner: str | None) -> tuple[BenchConfig, ...]:
     """The configs with `pruner` (a checkpoint path) given to every token_pruning part; unchanged when None."""
@@ -115,10 +117,13 @@ SUITES: dict[str, Suite] = {
                    episodes=10),
     # memory: the level where old context decides the outcome (the cue, one hallway before the junction), with
     # the planner and pruner trained for it; the BabyAI levels above need little beyond the newest observations.
+    # Prune layers 0, 1, 2 (not the depth default 1, 2, 3): layers 0-1 see the whole context and this planner
+    # carries the cue forward there, so pruning from layer 1 on loses nothing whatever it keeps (README).
     "memory": Suite("memory", "learned token pruning against random, recency and sink+window pruning at the same "
                     "token counts on MemoryRecallS13, whose junction decision needs the oldest observation",
-                    (BenchConfig("full"), *with_pruner(tuple(_pruned(t, k) for k in (PRUNING_KEEP, 0.4)
-                                                             for t in PRUNING_TECHNIQUES), str(MEMORY_PRUNER))),
+                    (BenchConfig("full"), *with_pruner(tuple(_pruned(t, k, MEMORY_PRUNE_LAYERS)
+                                                             for k in (PRUNING_KEEP, 0.4, 0.2) for t in PRUNING_TECHNIQUES),
+                                                       str(MEMORY_PRUNER))),
                     levels=("MemoryRecallS13",), episodes=40, model=MEMORY_PLANNER),
     "replan": Suite("replan", "replanning at every step vs only when the observation changed",
                     (BenchConfig("full"), BenchConfig("full-on-change", replan="on_change")), episodes=20),
