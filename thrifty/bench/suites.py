@@ -24,6 +24,7 @@ MEMORY_PLANNER = ASSETS / "memory_planner"
 """The planner trained on MemoryRecallS13 (`thrifty train planner --levels MemoryRecallS13`, see its card)."""
 MEMORY_PRUNER = ASSETS / "memory_pruner" / "model.safetensors"
 MEMORY_PRUNE_LAYERS = (0, 1, 2)
+"""The memory suite's prune layers, those `MEMORY_PRUNER` was trained for (see the `memory` suite)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ def _pruned(technique: str, keep_ratio: float, layers: tuple[int, ...] | None = 
     settings = {"keep_ratio": keep_ratio, **({"layers": list(layers)} if layers else {})}
     return BenchConfig(f"{technique}@{keep_ratio:g}", technique, settings)
 
+
 def with_pruner(configs: tuple[BenchConfig, ...], pruner: str | None) -> tuple[BenchConfig, ...]:
     """The configs with `pruner` (a checkpoint path) given to every token_pruning part; unchanged when None."""
     if not pruner:
@@ -121,9 +123,10 @@ SUITES: dict[str, Suite] = {
     # carries the cue forward there, so pruning from layer 1 on loses nothing whatever it keeps (README).
     "memory": Suite("memory", "learned token pruning against random, recency and sink+window pruning at the same "
                     "token counts on MemoryRecallS13, whose junction decision needs the oldest observation",
-                    (BenchConfig("full"), *with_pruner(tuple(_pruned(t, k, MEMORY_PRUNE_LAYERS)
-                                                             for k in (PRUNING_KEEP, 0.4, 0.2) for t in PRUNING_TECHNIQUES),
-                                                       str(MEMORY_PRUNER))),
+                    (BenchConfig("full"),
+                     *with_pruner(tuple(_pruned(t, k, MEMORY_PRUNE_LAYERS)
+                                        for k in (PRUNING_KEEP, 0.4, 0.2) for t in PRUNING_TECHNIQUES),
+                                  str(MEMORY_PRUNER))),
                     levels=("MemoryRecallS13",), episodes=40, model=MEMORY_PLANNER),
     "replan": Suite("replan", "replanning at every step vs only when the observation changed",
                     (BenchConfig("full"), BenchConfig("full-on-change", replan="on_change")), episodes=20),

@@ -50,7 +50,6 @@ LEVELS = {
 """Short level name -> minigrid id. GoToObjMazeS4 is the multi-room level (long episodes, 1-2k-token contexts)."""
 
 
-
 class _MemoryRecallEnv(MemoryEnv):
     """MiniGrid-Memory reduced to recalling one old observation: the agent starts beside the cue (the west end of the
     hallway, facing east) instead of at a random cell of the hallway, and the two objects at the east end are always

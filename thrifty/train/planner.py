@@ -245,7 +245,7 @@ def memory_rows(tokenizer, episodes: list[dict], recipe: PlannerRecipe) -> list[
     at those steps: the decisions that need the cue are one step in ~12, so under the plain loss they barely move
     the model. The first copy is the whole episode; each other copy drops a random run of the steps between the cue
     sighting and the first memory step (`shorten_cue_gap`), so the cue-to-turn binding is also seen at short
-    distances, where it is learned first (a curriculum over distance; evaluation episodes are never shortened)."""
+    distances (a curriculum over distance, not ablated; evaluation episodes are never shortened)."""
     rng = random.Random(recipe.seed)
     out = []
     for e in episodes:
