@@ -65,7 +65,7 @@ class SaliencyRecipe:
     """planner samples with fewer tokens outside mission, current observation, first 4 and newest 16 are skipped"""
     memory_share: float = 0.5
     """planner episodes with memory steps (the Memory levels' junction) are cut at one of those steps with this
-    probability: elsewhere the decision rarely needs old context, so uniform cuts teach the pruner to drop it"""
+    probability: elsewhere the decision rarely needs old context, so uniform cuts can teach the pruner to drop it"""
     tokens_per_batch: int = 6000
     seed: int = 0
     threads: int = 1
