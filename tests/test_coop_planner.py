@@ -141,6 +141,7 @@ def test_protected_spans_survive_token_pruning(coop_model_dir, coop_pruner_path)
 
 def test_bench_coop_writes_and_resumes(coop_model_dir, coop_pruner_path, tmp_path, monkeypatch):
     import thrifty.bench.coop as bc
+    from thrifty.bench.coop_report import context_plot, coop_plots, summarize_coop
     from thrifty.bench.results import ResultsFile
     from thrifty.bench.runner import run_jobs
 
@@ -155,7 +156,7 @@ def test_bench_coop_writes_and_resumes(coop_model_dir, coop_pruner_path, tmp_pat
     calls = []
     records2 = run_jobs(jobs, lambda job: calls.append(job) or {}, ResultsFile(out, bc.SUITE), progress=False)
     assert calls == [] and [r["config"] for r in records2] == [c.name for c in configs]  # resumed, nothing rerun
-    rows = bc.summarize_coop(records2)
+    rows = summarize_coop(records2)
     assert {r["config"] for r in rows} == {c.name for c in configs}
     full = next(r for r in rows if r["config"] == "full")
     pruned = next(r for r in rows if r["config"].startswith("random_pruning"))
@@ -164,8 +165,11 @@ def test_bench_coop_writes_and_resumes(coop_model_dir, coop_pruner_path, tmp_pat
                            for name in ("prefix_reuse", "reuse+random_pruning@0.5"))
     assert reuse_pruned["tokens_per_call"] == reuse["tokens_per_call"]  # the same episode (malformed -> default)...
     assert reuse_pruned["kv_bytes_max"] < reuse["kv_bytes_max"]  # ...but pruned history left the deep caches
-    flops_png, success_png = bc.coop_plots(rows, tmp_path / "coop")
+    flops_png, success_png = coop_plots(rows, tmp_path / "coop")
     assert flops_png.stat().st_size > 0 and success_png.stat().st_size > 0
+    assert context_plot(records2, tmp_path / "coop").stat().st_size > 0
+    assert context_plot([r for r in records2 if r["config"] == "expert"], tmp_path / "expert") is None  # no model
+
 
 
 def test_training_windows_keep_true_positions_and_label_each_decision_once(coop_model_dir):
@@ -269,3 +273,26 @@ def test_planner_transcripts_resume_after_a_cut_line(coop_model_dir, tmp_path):
     path.write_text(first + "\n" + second[: len(second) // 2])
     write_planner_transcripts(path, coop_model_dir, team_sizes=(2,), episodes_per_size=2, first_seed=7)
     assert path.read_text().splitlines() == [first, second]
+
+
+def test_paired_coop_counts_lost_and_gained_seeds_and_prices_only_seeds_both_solve():
+    from thrifty.bench.coop_report import paired_coop
+
+    def ep(config, k, seed, success, flops, calls=10):
+        return {"config": config, "level": f"K{k}", "seed": seed, "success": success, "decisions": calls,
+                "flops_total": flops * calls}
+
+    records = [ep("full", 2, 0, True, 100), ep("full", 2, 1, True, 100), ep("full", 2, 2, False, 900),
+               ep("cap", 2, 0, True, 50), ep("cap", 2, 1, False, 999), ep("cap", 2, 2, True, 40),
+               ep("full", 8, 0, True, 400), ep("cap", 8, 0, True, 100), ep("cap", 8, 1, True, 100),
+               {"config": "expert", "level": "K2", "seed": 0, "success": True}]
+    rows = {(r["config"], r["n_robots"]): r for r in paired_coop(records)}
+    two = rows[("cap", 2)]
+    assert (two["pairs"], two["both"], two["reference_only"], two["config_only"]) == (3, 1, 1, 1)
+    assert two["difference"] == 0 and two["difference_lo"] < 0 < two["difference_hi"]
+    assert two["flops_per_call"] == 50 and two["reference_flops_per_call"] == 100 and two["flops_ratio"] == 0.5
+    eight = rows[("cap", 8)]
+    assert eight["pairs"] == 1  # seed 1 has no full episode at K = 8
+    assert eight["flops_ratio"] == 0.25 and eight["flops_growth"] == 2.0 and eight["reference_growth"] == 4.0
+    assert rows[("expert", 2)]["flops_ratio"] is None  # no model, no cost
+    assert paired_coop([r for r in records if r["config"] != "full"]) == []

@@ -1,6 +1,7 @@
 """Stage 1 saliency and Stage 2 pruner recipes on a tiny planner: files, metadata, padding, losses, exactness."""
 
 import json
+import math
 import random
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from thrifty.backbones import HFDecoder, tiny_model
 from thrifty.runtime import Session
 from thrifty.techniques.token_pruning import PrunerMismatchError, TokenPruning, TokenScorer
-from thrifty.train.pruner import PrunerRecipe, masked_student, prunable_mask, rank_loss, train_pruner
+from thrifty.train.pruner import (PrunerRecipe, contexts_from_samples, masked_student, prunable_mask, rank_loss,
+                                  train_budgets, train_pruner)
 from thrifty.train.saliency import (batched_forward, compute_saliency, load_saliency, load_samples, pad_batch,
                                     train_saliency)
 
@@ -158,6 +160,37 @@ def test_every_prune_layer_gets_the_saliency_gradient(saliency_file, planner_dir
     assert (cum[3] <= cum[1] + 1e-6).all()  # masks compound
 
 
+@pytest.mark.parametrize("max_kept", [None, 6, 0])
+def test_student_keeps_what_inference_keeps_under_a_cap(saliency_file, planner_dir, max_kept):
+    """Stage 2 trains at the counts inference will keep: with a token cap, long contexts train at the capped
+    budget (`train_budgets`), and those are the counts a capped technique reports on the same context."""
+    from thrifty.techniques import build
+
+    samples, _, _ = load_saliency(saliency_file)
+    bb = HFDecoder.load(planner_dir[0])
+    batch = samples[:3]
+    ids, valid = pad_batch(batch, 0)
+    pr = prunable_mask(batch, ids.shape[1], PrunerRecipe())
+    sc = TokenScorer(32, (1, 2, 3), {})
+    with torch.no_grad():
+        _, _, cum = masked_student(bb, sc, ids, valid, pr, 0.6, 0.1, 0.3, torch.Generator().manual_seed(0),
+                                   max_kept)
+    alive, prev, student = pr.clone(), torch.zeros(ids.shape), []
+    for l in (1, 2, 3):  # a token stays alive while its mask at each layer is above one half
+        alive = alive & (cum[l] - prev > math.log(0.5))
+        prev = cum[l]
+        student.append(alive.sum(-1).tolist())
+    for r, (s, ctx) in enumerate(zip(batch, contexts_from_samples(batch))):
+        t = build("random_pruning", keep_ratio=0.6, layers=(1, 2, 3), max_kept=max_kept)
+        session, new_from = t.open_session(bb, ctx)
+        session.extend(ctx.token_ids[new_from:], layer_hook=t.prefill_hook(ctx, bb.n_layers, new_from))
+        kept = t.report()["kept"]
+        assert kept == train_budgets(int(pr[r].sum()), (1, 2, 3), bb.n_layers, 0.6, max_kept)
+        assert [c[r] for c in student] == kept
+        if max_kept is not None:
+            assert max(kept) <= max_kept
+
+
 def test_train_pruner(saliency_file, planner_dir, tmp_path):
     model, _ = planner_dir
     out = train_pruner(model, saliency_file, tmp_path / "pruner", keep_ratio=0.6, steps=3, seed=0,
@@ -179,6 +212,20 @@ def test_train_pruner(saliency_file, planner_dir, tmp_path):
         TokenPruning(keep_ratio=0.6, pruner=str(out)).bind(other)
     with pytest.raises(ValueError, match="keep_ratio"):
         train_pruner(model, saliency_file, tmp_path / "p2", keep_ratio=1.5, steps=1)
+    with pytest.raises(ValueError, match="max_kept must be a whole number >= 1"):
+        train_pruner(model, saliency_file, tmp_path / "p2", steps=1, max_kept=0)
+
+
+def test_train_pruner_for_a_token_cap(saliency_file, planner_dir, tmp_path):
+    """A cap-trained pruner records its cap; the held-out comparison runs every technique at that cap."""
+    model, _ = planner_dir
+    out = train_pruner(model, saliency_file, tmp_path / "pruner",
+                       recipe=PrunerRecipe(keep_ratio=0.6, steps=2, eval_samples=3, max_kept=5))
+    card = json.loads((tmp_path / "pruner" / "card.json").read_text())
+    assert card["recipe"]["max_kept"] == 5 and card["heldout"]["settings"]["max_kept"] == 5
+    assert TokenScorer.load(out).meta["max_kept_trained"] == 5
+    works = {card["heldout"][name]["work"] for name in ("token_pruning", "random_pruning", "recency_pruning")}
+    assert len(works) == 1  # count-matched at the cap
 
 
 def test_pruning_quality_on_heldout_contexts(saliency_file, planner_dir, tmp_path):

@@ -19,15 +19,14 @@ first, so an interrupted run is balanced across configurations; rerunning resume
 Per (configuration, K) the table reports success with its 95% Wilson interval, context tokens per call, tokens
 per round (the K calls of a round), FLOPs per call (and its ratio to the same configuration's at the smallest K:
 how cost per call grows with K) and per round (analytic, prefill + decode), the largest KV cache of an episode
-(mean over episodes), latency per call (median) and malformed outputs per call. Plots: FLOPs per round against K,
-success against K.
+(mean over episodes), latency per call (median) and malformed outputs per call. The summary, the paired
+comparison with full and the plots are in `thrifty.bench.coop_report`.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,7 +37,6 @@ import torch
 from thrifty.agents.coop import CoopConfig, run_coop_episode
 from thrifty.agents.coop_planner import (COOP_PROTECT, EVAL_CONFIG, SHIPPED_COOP_PLANNER, SHIPPED_COOP_PRUNER,
                                          CoopPlanner, run_coop_planner_episode)
-from thrifty.bench.report import format_flops, wilson_interval
 from thrifty.bench.results import Job
 from thrifty.envs.babyai_text import eval_seed
 
@@ -155,119 +153,3 @@ def coop_episode_fn(configs: Sequence[CoopBenchConfig], model_dir: str | Path = 
                     threads: int = 1, decoding: str = "free"):
     return partial(run_coop_job, configs={c.name: c.as_dict() for c in configs}, model_dir=str(model_dir),
                    threads=threads, decoding=check_decoding(decoding))
-
-
-# --- summary, table, plots -------------------------------------------------------------------------------------------
-
-COOP_ROW_FIELDS = ("config", "n_robots", "episodes", "success", "success_lo", "success_hi", "rounds",
-                   "tokens_per_call", "tokens_per_round", "flops_per_call", "flops_growth", "flops_per_round",
-                   "kv_bytes_max", "latency_per_call_s", "malformed_per_call")
-
-
-def _mean(xs: list[float]) -> float | None:
-    return statistics.fmean(xs) if xs else None
-
-
-def summarize_coop(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (config, K), configs in order of first appearance, K ascending."""
-    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r["config"], int(str(r["level"])[1:])), []).append(r)
-    order = list(dict.fromkeys(r["config"] for r in records))
-    rows = []
-    for (config, k), eps in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
-        wins = sum(bool(e["success"]) for e in eps)
-        lo, hi = wilson_interval(wins, len(eps))
-        calls = sum(e["calls"] for e in eps)
-        model = [e for e in eps if "flops_total" in e]
-        flops_calls = sum(e["decisions"] for e in model)
-        rows.append({
-            "config": config, "n_robots": k, "episodes": len(eps), "success": wins / len(eps),
-            "success_lo": lo, "success_hi": hi, "rounds": _mean([e["rounds"] for e in eps]),
-            "tokens_per_call": _mean([e["context_tokens_mean"] for e in eps if e.get("context_tokens_mean")]),
-            "tokens_per_round": _mean([e["tokens_per_round_mean"] for e in eps if e.get("tokens_per_round_mean")]),
-            "flops_per_call": sum(e["flops_total"] for e in model) / flops_calls if flops_calls else None,
-            "flops_per_round": _mean([e["flops_per_round"] for e in model]),
-            "kv_bytes_max": _mean([e["kv_bytes_max"] for e in model if e.get("kv_bytes_max")]),
-            "latency_per_call_s": statistics.median(e["wall_median_s"] for e in model) if model else None,
-            "malformed_per_call": sum(e["malformed"] for e in eps) / calls if calls else None,
-        })
-    base: dict[str, float] = {}  # FLOPs per call at the config's smallest K (rows are K-ascending per config)
-    for row in rows:
-        fpc = row["flops_per_call"]
-        if fpc and row["config"] not in base:
-            base[row["config"]] = fpc
-        row["flops_growth"] = fpc / base[row["config"]] if fpc and row["config"] in base else None
-    return rows
-
-
-def print_coop_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: str = "thrifty bench-coop"):
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(width=200)
-    table = Table(title=title, box=box.SIMPLE_HEAVY)
-    for name in ("config", "K", "episodes", "success [95% CI]", "rounds", "tokens/call", "tokens/round",
-                 "FLOPs/call", "x smallest K", "FLOPs/round", "KV cache max", "latency/call", "malformed"):
-        table.add_column(name, justify="left" if name == "config" else "right", no_wrap=True)
-
-    def num(v, spec):
-        return "–" if v is None else format(v, spec)
-
-    for r in rows:
-        lat = r.get("latency_per_call_s")
-        table.add_row(str(r["config"]), str(r["n_robots"]), str(r["episodes"]),
-                      f"{r['success']:.2f} [{r['success_lo']:.2f}, {r['success_hi']:.2f}]", num(r["rounds"], ".1f"),
-                      num(r["tokens_per_call"], ".0f"), num(r["tokens_per_round"], ".0f"),
-                      format_flops(r["flops_per_call"]), num(r.get("flops_growth"), ".2f"),
-                      format_flops(r["flops_per_round"]),
-                      "–" if r.get("kv_bytes_max") is None else f"{r['kv_bytes_max'] / 2**20:.2f} MB",
-                      "–" if lat is None else f"{lat * 1e3:.1f} ms", num(r["malformed_per_call"], ".1%"))
-    console.print(table)
-    return table
-
-
-def coop_plots(rows: Sequence[Mapping[str, Any]], out_prefix: str | Path) -> tuple[Path, Path]:
-    """Two PNGs: `<prefix>_flops.png` (FLOPs per round vs K, log y) and `<prefix>_success.png` (success vs K,
-    95% Wilson bars). Does not touch pyplot's global state."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    out_prefix = Path(out_prefix)
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    paths = []
-    for what in ("flops", "success"):
-        fig = Figure(figsize=(7.0, 4.6), dpi=120)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        for i, c in enumerate(configs):
-            pts = [r for r in rows if r["config"] == c]
-            ks = [r["n_robots"] for r in pts]
-            if what == "flops":
-                if all(r["flops_per_round"] is None for r in pts):
-                    continue
-                ax.plot(ks, [r["flops_per_round"] for r in pts], "o-", color=f"C{i % 10}", label=c)
-            else:
-                ys = [r["success"] for r in pts]
-                err = [[y - r["success_lo"] for r, y in zip(pts, ys)], [r["success_hi"] - y for r, y in zip(pts, ys)]]
-                shift = (i - (len(configs) - 1) / 2) * 0.06  # spread the bars apart
-                ax.errorbar([k + shift for k in ks], ys, yerr=err, fmt="o-", capsize=3, color=f"C{i % 10}", label=c)
-        ax.set_xlabel("robots K")
-        ax.set_xticks(sorted({r["n_robots"] for r in rows}))
-        if what == "flops":
-            ax.set_yscale("log")
-            ax.set_ylabel("FLOPs per round (K calls)")
-            ax.set_title("coop planner: compute per round vs team size")
-        else:
-            ax.set_ylim(-0.03, 1.03)
-            ax.set_ylabel("success (95% Wilson interval)")
-            ax.set_title("coop planner: success vs team size")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_prefix.with_name(f"{out_prefix.name}_{what}.png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-        paths.append(path)
-    return paths[0], paths[1]

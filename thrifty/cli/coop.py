@@ -53,6 +53,9 @@ def train_coop_pruner_cmd(
     run_dir: Path = typer.Option(Path("runs/coop_pruner"), help="transcripts and the Stage 1 file"),
     samples: int = typer.Option(600, min=1, help="Stage 1 decision samples (coop calls)"),
     steps: int = typer.Option(300, min=1, help="Stage 2 optimisation steps"),
+    keep_ratio: float = typer.Option(0.6, help="compounding per-layer keep ratio Stage 2 trains for"),
+    max_kept: Optional[int] = typer.Option(None, min=1, help="token cap Stage 2 trains for: at most this many "
+                                           "prunable tokens survive each prune layer (bench-coop --max-kept)"),
     layers: str = typer.Option("0,1,2", help="prune layers (after layer 0: every deeper layer sees only kept tokens)"),
     closed_loop_episodes: int = typer.Option(150, min=0, help="closed-loop planner episodes per team size added to "
                                              "the expert transcripts (0: expert transcripts only)"),
@@ -87,8 +90,8 @@ def train_coop_pruner_cmd(
         sal = train_saliency(model, run_dir / "saliency.safetensors", data=data,
                              layers=comma_list(layers, int, "--layers"), samples=samples, threads=threads,
                              max_tokens=4096, command=command)
-        path = train_pruner(model, sal, out or SHIPPED_COOP_PRUNER.parent, steps=steps, threads=threads,
-                            command=command)
+        path = train_pruner(model, sal, out or SHIPPED_COOP_PRUNER.parent, keep_ratio=keep_ratio, steps=steps,
+                            threads=threads, command=command, max_kept=max_kept)
     except (ModelLoadError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     console.print(f"coop pruner written to {path}")
@@ -115,8 +118,9 @@ def bench_coop_cmd(
     the table (success per K, tokens and FLOPs per call and per round, latency) and two plots."""
     from thrifty.agents.coop_planner import SHIPPED_COOP_PLANNER
     from thrifty.backbones import HFDecoder, ModelLoadError
-    from thrifty.bench.coop import (DECODINGS, SUITE, coop_configs, coop_episode_fn, coop_jobs, coop_plots,
-                                    print_coop_table, summarize_coop)
+    from thrifty.bench.coop import DECODINGS, SUITE, coop_configs, coop_episode_fn, coop_jobs
+    from thrifty.bench.coop_report import (context_plot, coop_plots, paired_coop, print_coop_table,
+                                           print_paired_coop, summarize_coop)
     from thrifty.bench.report import write_summary_json
     from thrifty.bench.results import ResultsFile, ResultsMismatchError
     from thrifty.bench.runner import run_jobs
@@ -164,6 +168,11 @@ def bench_coop_cmd(
     records = run_jobs(jobs, coop_episode_fn(configs, model_dir, threads, decoding), results)
     rows = summarize_coop(records)
     print_coop_table(rows, console=console, title=f"thrifty bench-coop ({decoding} decoding)")
+    paired = paired_coop(records)
+    print_paired_coop(paired, console, "paired with full (same K and seeds); FLOPs over the seeds both solve")
     flops_png, success_png = coop_plots(rows, out.with_suffix(""))
+    plots = [flops_png, success_png, context_plot(records, out.with_suffix(""))]
     summary = write_summary_json(rows, out.with_name(out.stem + "_summary.json"))
-    console.print(f"results: {out}\nplots: {flops_png}, {success_png}\nsummary: {summary}")
+    if paired:
+        write_summary_json(paired, out.with_name(out.stem + "_paired.json"))
+    console.print(f"results: {out}\nplots: {', '.join(str(p) for p in plots if p)}\nsummary: {summary}")

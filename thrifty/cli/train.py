@@ -94,6 +94,8 @@ def train_pruner_cmd(
     saliency: Path = typer.Option(Path("runs/pruner/saliency.safetensors"), help="Stage 1 file"),
     out: Optional[Path] = typer.Option(None, help="pruner directory to write (default: the shipped asset's place)"),
     keep_ratio: float = typer.Option(0.6, help="compounding per-layer keep ratio the budget term aims at"),
+    max_kept: Optional[int] = typer.Option(None, min=1, help="token cap to train for: at most this many prunable "
+                                           "tokens survive each prune layer (inference's max_kept)"),
     steps: int = typer.Option(300, min=1, help="optimisation steps"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, min=1, help="torch threads"),
@@ -108,7 +110,8 @@ def train_pruner_cmd(
         fail(f"no saliency file at {saliency}: run `thrifty train saliency --out {saliency}` first (Stage 1)")
     try:
         path = train_pruner(model or SHIPPED_PLANNER, saliency, out or SHIPPED_PRUNER.parent, keep_ratio=keep_ratio,
-                            steps=steps, seed=seed, threads=threads, command="thrifty " + " ".join(sys.argv[1:]))
+                            steps=steps, seed=seed, threads=threads, command="thrifty " + " ".join(sys.argv[1:]),
+                            max_kept=max_kept)
     except (ModelLoadError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     console.print(f"pruner written to {path}")

@@ -55,6 +55,10 @@ class PrunerRecipe:
     keep_jitter: float = 0.0
     """each batch trains at a keep ratio drawn uniformly from keep_ratio +- keep_jitter (0.3 was tried: worse than
     random on held-out contexts for the shipped planner)"""
+    max_kept: int | None = None
+    """token cap trained for (the inference setting `max_kept`): at most this many prunable tokens survive each
+    prune layer, on top of the keep ratio. Long contexts then train at the harsh budgets a cap gives them at
+    inference; None: no cap"""
     steps: int = 300
     """optimisation steps"""
     lr: float = 2e-3
@@ -93,21 +97,29 @@ def prunable_mask(samples: list[Sample], n: int, recipe: PrunerRecipe) -> torch.
     return out
 
 
+def train_budgets(n_prunable: int, layers: tuple[int, ...], n_layers: int, keep_ratio: float,
+                  max_kept: int | None) -> list[int]:
+    """Prunable tokens kept after each prune layer, exactly as inference counts them (compound schedule, then
+    the cap)."""
+    kept = keep_counts(n_prunable, 0, layers, n_layers, "compound", keep_ratio)[0]
+    return kept if max_kept is None else [min(k, max_kept) for k in kept]
+
+
 def masked_student(backbone: HFDecoder, scorer: TokenScorer, ids: torch.Tensor, valid: torch.Tensor,
                    prunable: torch.Tensor, keep_ratio: float, temperature: float, noise: float,
-                   gen: torch.Generator | None):
+                   gen: torch.Generator | None, max_kept: int | None = None):
     """Soft-pruned forward at the inference budget.
 
     At prune layer j the scorer's logits of the prunable tokens still present (`alive`, hard) are standardised
     per sample (so the scorer sets the ranking, not the sharpness), perturbed by logistic noise of scale `noise`
     (exploration), and thresholded at the k_j-th largest, k_j being exactly the count inference keeps there
-    (`keep_counts`, compound schedule). Soft mask m = sigmoid((z - threshold) / temperature); tokens below the
-    threshold leave `alive`. Returns the final hidden [B, n, d], the raw logits per prune layer [B, n] and the
+    (`train_budgets`: compound schedule, then the cap `max_kept`). Soft mask m = sigmoid((z - threshold) /
+    temperature); tokens below the threshold leave `alive`. Returns the final hidden [B, n, d], the raw logits per prune layer [B, n] and the
     cumulative log keep mask per prune layer [B, n] (0 on protected and padding tokens).
     """
     B = ids.shape[0]
     n_pr = prunable.sum(-1).tolist()
-    budgets = [keep_counts(int(p), 0, scorer.layers, backbone.n_layers, "compound", keep_ratio)[0] for p in n_pr]
+    budgets = [train_budgets(int(p), scorer.layers, backbone.n_layers, keep_ratio, max_kept) for p in n_pr]
     alive = prunable.clone()
     scores: dict[int, torch.Tensor] = {}
     cum: dict[int, torch.Tensor] = {}
@@ -215,12 +227,15 @@ def _scorer_flops(technique: Technique, tokens_per_layer: list[int]) -> int:
 
 def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Path, keep_ratio: float = 0.6,
                  steps: int = 300, seed: int = 0, threads: int = 1, command: str = "",
-                 recipe: PrunerRecipe | None = None) -> Path:
+                 recipe: PrunerRecipe | None = None, max_kept: int | None = None) -> Path:
     """Stage 2: train the scorers for the model in `model_dir` on the Stage 1 file; write `out` (a directory:
     model.safetensors + card.json; or a .safetensors path, the card beside it as <stem>.card.json)."""
-    recipe = recipe or PrunerRecipe(keep_ratio=keep_ratio, steps=steps, seed=seed, threads=threads)
+    recipe = recipe or PrunerRecipe(keep_ratio=keep_ratio, steps=steps, seed=seed, threads=threads, max_kept=max_kept)
     if not 0.0 < recipe.keep_ratio <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {recipe.keep_ratio}")
+    if recipe.max_kept is not None and (isinstance(recipe.max_kept, bool) or not isinstance(recipe.max_kept, int)
+                                        or recipe.max_kept < 1):
+        raise ValueError(f"max_kept must be a whole number >= 1 (or None for no cap), got {recipe.max_kept!r}")
     torch.set_num_threads(recipe.threads)
     t0 = time.time()
     backbone = HFDecoder.load(model_dir)
@@ -282,14 +297,14 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
             if recipe.keep_jitter:
                 keep = min(1.0, max(0.05, keep + rng.uniform(-recipe.keep_jitter, recipe.keep_jitter)))
             h, scores, cum = masked_student(backbone, scorer, ids, valid, prunable, keep,
-                                            recipe.temperature, recipe.noise, gen)
+                                            recipe.temperature, recipe.noise, gen, recipe.max_kept)
             student = decision_logits(backbone, h, batch).float()
             weights = torch.tensor([1.0 / len(s.decisions) for s in batch for _ in s.decisions])
             kl = ((pt.exp() * (pt - student.log_softmax(-1))).sum(-1) * weights).sum() / len(batch)
             rank = torch.zeros(())
             budget = torch.zeros(())
             n_pr = prunable.sum(-1)
-            targets = torch.tensor([keep_counts(int(p), 0, layers, backbone.n_layers, "compound", keep)[0]
+            targets = torch.tensor([train_budgets(int(p), layers, backbone.n_layers, keep, recipe.max_kept)
                                     for p in n_pr.tolist()], dtype=torch.float32)
             has = n_pr > 0
             for j, l in enumerate(layers):
@@ -320,7 +335,7 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
     metrics: dict[str, Any] = {}
     full_cache: dict = {}
     settings = {"keep_ratio": recipe.keep_ratio, "layers": layers, "sink_tokens": recipe.sink_tokens,
-                "recent_tokens": recipe.recent_tokens}
+                "recent_tokens": recipe.recent_tokens, "max_kept": recipe.max_kept}
     with _progress() as bar:
         task = bar.add_task("held-out evaluation", total=len(contexts) * (1 + len(BASELINES)))
         for name in ("token_pruning",) + BASELINES:
@@ -335,6 +350,7 @@ def train_pruner(model_dir: str | Path, saliency_path: str | Path, out: str | Pa
     weights_path = out / "model.safetensors" if out.suffix != ".safetensors" else out
     card_path = weights_path.with_name("card.json") if out.suffix != ".safetensors" else out.with_suffix(".card.json")
     scorer.meta.update({"layers": list(layers), "keep_ratio_trained": recipe.keep_ratio,
+                        "max_kept_trained": recipe.max_kept,
                         "data": sal_meta.get("data"), "saliency_file": str(saliency_path), "recipe": asdict(recipe)})
     probe_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else samples[0].ids[0]
     scorer.record_probe(backbone, probe_token)
