@@ -294,5 +294,7 @@ def test_paired_coop_counts_lost_and_gained_seeds_and_prices_only_seeds_both_sol
     eight = rows[("cap", 8)]
     assert eight["pairs"] == 1  # seed 1 has no full episode at K = 8
     assert eight["flops_ratio"] == 0.25 and eight["flops_growth"] == 2.0 and eight["reference_growth"] == 4.0
+    assert eight["flops_per_robot"] == (100 - 50) / 6 and eight["reference_flops_per_robot"] == (400 - 100) / 6
+    assert two["flops_per_robot"] is None  # the smallest K adds nothing
     assert rows[("expert", 2)]["flops_ratio"] is None  # no model, no cost
     assert paired_coop([r for r in records if r["config"] != "full"]) == []

@@ -109,8 +109,9 @@ def paired_coop(records: Sequence[Mapping[str, Any]], reference: str = "full") -
 
     Fields: pairs, both, reference_only (seeds lost), config_only (gained), difference [lo, hi] (config minus
     reference, Tango's interval); on the seeds both solve: flops_per_call of the configuration and of the
-    reference, flops_ratio (config / reference), and flops_growth / reference_growth (FLOPs per call at this K
-    over the same configuration's at its smallest K, both-solved seeds). [] without reference episodes."""
+    reference, flops_ratio (config / reference); how cost per call grows with K, from the smallest K both
+    solve something at: flops_growth / reference_growth (the ratio to it) and flops_per_robot /
+    reference_flops_per_robot (FLOPs per call added per extra robot). [] without reference episodes."""
     sizes = sorted({_team_size(r) for r in records})
     order = list(dict.fromkeys(str(r["config"]) for r in records))
     by: dict[tuple[str, int], dict[Any, Mapping[str, Any]]] = {}
@@ -136,10 +137,13 @@ def paired_coop(records: Sequence[Mapping[str, Any]], reference: str = "full") -
             row.update(flops_per_call=cfg, reference_flops_per_call=base,
                        flops_ratio=cfg / base if cfg and base else None)
             if cfg and base and config not in first:
-                first[config] = (cfg, base)
-            start = first.get(config)
-            row.update(flops_growth=cfg / start[0] if cfg and start else None,
-                       reference_growth=base / start[1] if base and start else None)
+                first[config] = (k, cfg, base)
+            k0, cfg0, base0 = first.get(config, (None, None, None))
+            grown = bool(cfg and base and k0 is not None and k > k0)
+            row.update(flops_growth=cfg / cfg0 if cfg and cfg0 else None,
+                       reference_growth=base / base0 if base and base0 else None,
+                       flops_per_robot=(cfg - cfg0) / (k - k0) if grown else None,
+                       reference_flops_per_robot=(base - base0) / (k - k0) if grown else None)
             rows.append(row)
     return rows
 
@@ -154,7 +158,8 @@ def print_paired_coop(rows: Sequence[Mapping[str, Any]], console: Any, title: st
     ref = rows[0]["reference"]
     table = Table(title=title, box=box.SIMPLE_HEAVY)
     for name in ("config", "K", "pairs", f"lost (only {ref})", "gained", "difference [95% CI]",
-                 f"FLOPs/call vs {ref}, both solve", "x smallest K", f"{ref} x smallest K"):
+                 f"FLOPs/call vs {ref}, both solve", "x smallest K", f"{ref} x smallest K", "added per robot",
+                 f"{ref} added per robot"):
         table.add_column(name, justify="left" if name == "config" else "right", no_wrap=True)
 
     def num(v, spec):
@@ -164,7 +169,8 @@ def print_paired_coop(rows: Sequence[Mapping[str, Any]], console: Any, title: st
         table.add_row(str(r["config"]), str(r["n_robots"]), str(r["pairs"]), str(r["reference_only"]),
                       str(r["config_only"]),
                       f"{r['difference']:+.2f} [{r['difference_lo']:+.2f}, {r['difference_hi']:+.2f}]",
-                      num(r["flops_ratio"], ".0%"), num(r["flops_growth"], ".2f"), num(r["reference_growth"], ".2f"))
+                      num(r["flops_ratio"], ".0%"), num(r["flops_growth"], ".2f"), num(r["reference_growth"], ".2f"),
+                      format_flops(r["flops_per_robot"]), format_flops(r["reference_flops_per_robot"]))
     console.print(table)
 
 
