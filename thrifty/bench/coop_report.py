@@ -174,6 +174,11 @@ def print_paired_coop(rows: Sequence[Mapping[str, Any]], console: Any, title: st
     console.print(table)
 
 
+def _line(i: int) -> str:
+    """Line style of the i-th configuration: matplotlib has 10 default colours, so the next ten are dashed."""
+    return ("-", "--", ":")[min(i // 10, 2)]
+
+
 # --- plots -------------------------------------------------------------------------------------------------------
 
 def coop_plots(rows: Sequence[Mapping[str, Any]], out_prefix: str | Path) -> tuple[Path, Path]:
@@ -195,12 +200,13 @@ def coop_plots(rows: Sequence[Mapping[str, Any]], out_prefix: str | Path) -> tup
             if what == "flops":
                 if all(r["flops_per_round"] is None for r in pts):
                     continue
-                ax.plot(ks, [r["flops_per_round"] for r in pts], "o-", color=f"C{i % 10}", label=c)
+                ax.plot(ks, [r["flops_per_round"] for r in pts], "o", color=f"C{i % 10}", linestyle=_line(i), label=c)
             else:
                 ys = [r["success"] for r in pts]
                 err = [[y - r["success_lo"] for r, y in zip(pts, ys)], [r["success_hi"] - y for r, y in zip(pts, ys)]]
                 shift = (i - (len(configs) - 1) / 2) * 0.06  # spread the bars apart
-                ax.errorbar([k + shift for k in ks], ys, yerr=err, fmt="o-", capsize=3, color=f"C{i % 10}", label=c)
+                ax.errorbar([k + shift for k in ks], ys, yerr=err, fmt="o", capsize=3, color=f"C{i % 10}",
+                            linestyle=_line(i), label=c)
         ax.set_xlabel("robots K")
         ax.set_xticks(sorted({r["n_robots"] for r in rows}))
         if what == "flops":
@@ -243,8 +249,8 @@ def context_plot(records: Sequence[Mapping[str, Any]], out_prefix: str | Path, b
     ax = fig.add_subplot(1, 1, 1)
     for i, (config, bins) in enumerate(points.items()):
         kept = sorted(b for b, v in bins.items() if len(v) >= 5)
-        ax.plot([(b + 0.5) * bin_tokens for b in kept], [statistics.fmean(bins[b]) / 1e9 for b in kept], "o-",
-                markersize=3, color=f"C{i % 10}", label=config)
+        ax.plot([(b + 0.5) * bin_tokens for b in kept], [statistics.fmean(bins[b]) / 1e9 for b in kept], "o",
+                markersize=3, color=f"C{i % 10}", linestyle=_line(i), label=config)
     ax.set_xlabel(f"context tokens of the call (bins of {bin_tokens})")
     ax.set_ylabel("GFLOPs per call (mean)")
     ax.set_title("coop planner: compute per call vs shared-context length")
