@@ -171,7 +171,6 @@ def test_bench_coop_writes_and_resumes(coop_model_dir, coop_pruner_path, tmp_pat
     assert context_plot([r for r in records2 if r["config"] == "expert"], tmp_path / "expert") is None  # no model
 
 
-
 def test_training_windows_keep_true_positions_and_label_each_decision_once(coop_model_dir):
     """Phase 1 windows: the task lines + a slice of the sequence at its true positions; every decision label of
     the sequence appears in exactly one window; noisy decisions carry no language-modelling target."""

@@ -115,7 +115,8 @@ def bench_coop_cmd(
     threads: int = typer.Option(1, min=1, help="torch threads"),
 ) -> None:
     """K robots x {expert, full, prefix reuse, token / random / recency pruning}: one JSON line per episode, then
-    the table (success per K, tokens and FLOPs per call and per round, latency) and two plots."""
+    the table (success per K, tokens and FLOPs per call and per round, latency), each configuration paired with
+    full per K, and three plots (FLOPs per round and success against K, FLOPs per call against context length)."""
     from thrifty.agents.coop_planner import SHIPPED_COOP_PLANNER
     from thrifty.backbones import HFDecoder, ModelLoadError
     from thrifty.bench.coop import DECODINGS, SUITE, coop_configs, coop_episode_fn, coop_jobs
