@@ -92,12 +92,20 @@ def protected_mask(positions: torch.Tensor, spans: dict[str, tuple[int, int]], p
 
 
 def keep_counts(n_prunable: int, n_protected: int, prune_layers: tuple[int, ...], n_layers: int,
-                schedule: str, keep: float) -> tuple[list[int], float]:
+                schedule: str, keep: float, max_kept: int | None = None) -> tuple[list[int], float]:
     """Prunable tokens kept after each prune layer, and the compounding ratio used.
 
     compound: k_j = floor(k_{j-1} * keep), k_{-1} = n_prunable. work: the ratio r whose compounded counts make
     sum_l (n_protected + tokens of layer l) closest to keep * n_layers * (n_protected + n_prunable) from below.
+    max_kept (the token cap) then bounds every k_j.
     """
+    kept, ratio = _ratio_counts(n_prunable, n_protected, prune_layers, n_layers, schedule, keep)
+    return (kept if max_kept is None else [min(k, max_kept) for k in kept]), ratio
+
+
+def _ratio_counts(n_prunable: int, n_protected: int, prune_layers: tuple[int, ...], n_layers: int,
+                  schedule: str, keep: float) -> tuple[list[int], float]:
+    """`keep_counts` before the cap."""
     def counts(r: float) -> list[int]:
         out, k = [], n_prunable
         for _ in prune_layers:
@@ -242,9 +250,8 @@ class PruningTechnique(Technique):
                                        self.recent_tokens, context_len)
             if not state:  # first prune layer: every new token is still present; fix the budget
                 n_prot, n_pr = int(protected.sum()), int((~protected).sum())
-                kept, ratio = keep_counts(n_pr, n_prot, layers, n_layers, self.schedule, self.keep_ratio)
-                if self.max_kept is not None:
-                    kept = [min(k, self.max_kept) for k in kept]
+                kept, ratio = keep_counts(n_pr, n_prot, layers, n_layers, self.schedule, self.keep_ratio,
+                                          self.max_kept)
                 work = layer_tokens(n_pr, n_prot, layers, n_layers, kept) / max(1, n_layers * (n_prot + n_pr))
                 state.update(kept=kept, j=0, protected=n_prot)
                 self._report.update(protected=n_prot, prunable=n_pr, kept=kept, ratio=round(ratio, 4),

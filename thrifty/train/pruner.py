@@ -101,8 +101,7 @@ def train_budgets(n_prunable: int, layers: tuple[int, ...], n_layers: int, keep_
                   max_kept: int | None) -> list[int]:
     """Prunable tokens kept after each prune layer, exactly as inference counts them (compound schedule, then
     the cap)."""
-    kept = keep_counts(n_prunable, 0, layers, n_layers, "compound", keep_ratio)[0]
-    return kept if max_kept is None else [min(k, max_kept) for k in kept]
+    return keep_counts(n_prunable, 0, layers, n_layers, "compound", keep_ratio, max_kept)[0]
 
 
 def masked_student(backbone: HFDecoder, scorer: TokenScorer, ids: torch.Tensor, valid: torch.Tensor,
