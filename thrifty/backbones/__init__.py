@@ -1,6 +1,9 @@
-"""Backbone adapters: `HFDecoder` (local Hugging Face causal LMs) and tiny random models for tests."""
+"""Backbone adapters: `HFDecoder` (local Hugging Face causal LMs, one `FamilyTraits` per family) and tiny random
+models for tests."""
 
-from thrifty.backbones.hf import SUPPORTED_FAMILIES, HFDecoder, ModelLoadError
+from thrifty.backbones.families import FAMILIES, SUPPORTED_FAMILIES, FamilyTraits
+from thrifty.backbones.hf import HFDecoder, ModelLoadError
 from thrifty.backbones.tiny import tiny_config, tiny_model
 
-__all__ = ["SUPPORTED_FAMILIES", "HFDecoder", "ModelLoadError", "tiny_config", "tiny_model"]
+__all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "FamilyTraits", "HFDecoder", "ModelLoadError", "tiny_config",
+           "tiny_model"]

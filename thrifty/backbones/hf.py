@@ -1,25 +1,31 @@
-"""Adapter around a local Hugging Face decoder-only causal LM (Llama, Qwen2, Qwen3, Mistral).
+"""Adapter around a local Hugging Face decoder-only causal LM of a family in `thrifty.backbones.families`.
 
 `HFDecoder` is the only code in thrifty that touches model internals. It exposes the pieces a caller needs
 to run the model one layer at a time (embedding, rotary tables, one decoder layer, final norm + head) and
 builds explicit additive attention masks from *original* token positions, so that callers can drop tokens
 or cache entries anywhere and still get exact attention. Only public submodules are used:
-`model.model.embed_tokens`, `.layers[i]`, `.rotary_emb`, `.norm` and `model.lm_head`.
+`model.model.embed_tokens`, `.layers[i]`, `.rotary_emb`, `.norm` and `model.lm_head`; what a family does
+between them (embedding multiplier, logit scaling and soft-capping, sliding-window layers, rotary per layer
+type) is read from its `FamilyTraits`, never from `if family == ...` branches.
 
 Shapes: batch is always 1; q = new query tokens, k = keys visible to them, d = hidden size.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from thrifty.backbones.families import FAMILIES, REFUSED, SUPPORTED_FAMILIES, FamilyTraits
 from thrifty.cost.flops import ModelShape
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+RotaryTables = tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""What `rotary` returns and `run_layer` takes: (cos, sin), each [1, q, rotary_dim]; or, for a family with
+rotary tables per layer type (Gemma 3), a dict layer type -> (cos, sin)."""
 
 _EXPECTED = "expected a local Hugging Face causal-LM directory (config.json + *.safetensors)"
 
@@ -29,12 +35,29 @@ class ModelLoadError(ValueError):
 
 
 def _check_family(model_type: Any, where: str) -> str:
-    if model_type not in SUPPORTED_FAMILIES:
+    if model_type not in FAMILIES:
+        reason = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
         raise ModelLoadError(
-            f"{where}: unsupported model family {model_type!r} (config.model_type); "
+            f"{where}: unsupported model family {model_type!r} (config.model_type){reason}; "
             f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
         )
     return model_type
+
+
+def _check_config(traits: FamilyTraits, config: Any, where: str) -> None:
+    refusal = traits.refusal(config)
+    if refusal is not None:
+        raise ModelLoadError(f"{where}: cannot drive this {config.model_type} model layer by layer: {refusal}")
+
+
+def _cache_argument(layer: torch.nn.Module) -> tuple[str, bool]:
+    """The decoder layer's name for its cache argument ("cache" from transformers 5.24 on, "past_key_values"
+    before), and whether it takes `use_cache`; read once from the forward signature."""
+    params = inspect.signature(type(layer).forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name, "use_cache" in params
+    raise ModelLoadError(f"{type(layer).__name__}.forward names neither 'cache' nor 'past_key_values'")
 
 
 class HFDecoder:
@@ -43,12 +66,20 @@ class HFDecoder:
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = model
         self._family = _check_family(getattr(model.config, "model_type", None), type(model).__name__)
+        self._traits = FAMILIES[self._family]
+        _check_config(self._traits, model.config, type(model).__name__)
         inner = getattr(model, "model", None)
         needed = ("embed_tokens", "layers", "rotary_emb", "norm")
         if inner is None or not hasattr(model, "lm_head") or not all(hasattr(inner, n) for n in needed):
             raise ModelLoadError(
                 f"{type(model).__name__} is not a causal LM with .model.{{{','.join(needed)}}} and .lm_head"
             )
+        self._cache_arg, self._pass_use_cache = _cache_argument(inner.layers[0])
+        c = model.config
+        self._embed_mult = self._traits.config_value(c, self._traits.embedding_multiplier)
+        self._logits_div = self._traits.config_value(c, self._traits.logits_divisor)
+        self._logits_mult = self._traits.config_value(c, self._traits.logits_multiplier)
+        self._softcap = self._traits.config_value(c, self._traits.logit_softcap)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -79,13 +110,20 @@ class HFDecoder:
 
     @classmethod
     def load(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
     ) -> "HFDecoder":
-        """Load a local directory (never the network). Raises `ModelLoadError` with a precise reason."""
+        """Load a local directory (never the network). Raises `ModelLoadError` with a precise reason.
+
+        attn_implementation: None = sdpa where the family has it, else eager (`FamilyTraits.attention`)."""
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         p = cls.check_dir(path)
+        family = json.loads((p / "config.json").read_text())["model_type"]
+        try:
+            attn_implementation = FAMILIES[family].attention(attn_implementation)
+        except ValueError as e:
+            raise ModelLoadError(f"{p}: {e}") from e
         hf_logging.disable_progress_bar()  # a per-load weight bar would flood benchmark logs
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -142,55 +180,70 @@ class HFDecoder:
     def dtype(self) -> torch.dtype:
         return next(self._model.parameters()).dtype
 
+    @property
+    def traits(self) -> FamilyTraits:
+        """What this family does outside its decoder layers (`thrifty.backbones.families`)."""
+        return self._traits
+
     def sliding_window(self, layer_idx: int) -> int | None:
         """Window size W of layer `layer_idx` (a query at p sees keys at p-W+1..p), or None for full causal."""
         c = self.config
         window = getattr(c, "sliding_window", None)
-        if window is None:
+        kind = self._traits.windows
+        if window is None or kind == "none":
             return None
-        layer_types = getattr(c, "layer_types", None)
-        if self._family != "mistral" and layer_types is not None:
-            return int(window) if layer_types[layer_idx] == "sliding_attention" else None
-        return int(window)  # Mistral applies its window to every layer
+        if kind == "by_layer_type" and c.layer_types[layer_idx] != "sliding_attention":
+            return None
+        return int(window)
 
     # ------------------------------------------------------------------ pieces of the forward
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids LongTensor [1, q] -> hidden [1, q, d]."""
-        return self._model.model.embed_tokens(ids.to(self.device))
+        """ids LongTensor [1, q] -> hidden [1, q, d] (times the family's embedding multiplier, if any)."""
+        h = self._model.model.embed_tokens(ids.to(self.device))
+        return h if self._embed_mult is None else h * self._embed_mult
 
-    def rotary(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary tables for original positions [q] (h [1, q, d] gives dtype/device) -> (cos, sin)."""
-        return self._model.model.rotary_emb(h, positions.to(h.device)[None])
+    def rotary(self, h: torch.Tensor, positions: torch.Tensor) -> RotaryTables:
+        """Rotary tables for original positions [q] (h [1, q, d] gives dtype/device), see `RotaryTables`."""
+        emb, pos = self._model.model.rotary_emb, positions.to(h.device)[None]
+        if self._traits.rotary_by_layer_type:
+            return {t: emb(h, pos, t) for t in sorted(set(self.config.layer_types))}
+        return emb(h, pos)
 
     def run_layer(
         self,
         i: int,
         h: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         cache: Any,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_embeddings: RotaryTables | None = None,
     ) -> torch.Tensor:
         """Decoder layer i on h [1, q, d] at positions [q] with additive mask [1, 1, q, k] -> [1, q, d].
 
         `cache` (or None) must offer `update(k, v, layer_idx)` returning all k keys/values of layer i,
         ordered like the mask's key axis. `position_embeddings` defaults to `rotary(h, positions)`.
         """
-        if position_embeddings is None:
-            position_embeddings = self.rotary(h, positions)
+        pe = self.rotary(h, positions) if position_embeddings is None else position_embeddings
+        if self._traits.rotary_by_layer_type:
+            pe = pe[self.config.layer_types[i]]
+        kwargs = {self._cache_arg: cache}
+        if self._pass_use_cache:
+            kwargs["use_cache"] = cache is not None
         out = self._model.model.layers[i](
-            h,
-            attention_mask=mask,
-            position_ids=positions.to(h.device)[None],
-            past_key_values=cache,
-            use_cache=cache is not None,
-            position_embeddings=position_embeddings,
+            h, attention_mask=mask, position_ids=positions.to(h.device)[None], position_embeddings=pe, **kwargs
         )
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """hidden [..., d] -> logits [..., vocab] (final norm, then head)."""
-        return self._model.lm_head(self._model.model.norm(h))
+        """hidden [..., d] -> logits [..., vocab]: final norm, head, then the family's logit scaling/soft-cap."""
+        out = self._model.lm_head(self._model.model.norm(h))
+        if self._logits_div is not None:
+            out = out / self._logits_div
+        if self._logits_mult is not None:
+            out = out * self._logits_mult
+        if self._softcap is not None:
+            out = torch.tanh(out / self._softcap) * self._softcap
+        return out
 
     def attention_mask(self, query_pos: torch.Tensor, key_pos: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """Additive mask [1, 1, q, k] for queries at positions [q] over keys at positions [k].
