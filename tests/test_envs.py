@@ -146,3 +146,62 @@ def test_memory_steps_are_exactly_where_the_cue_decides_the_action():
             env.step(ACTIONS.index(action))
     ep = collect_episode("GoToLocal", 0, noise=0.0, rng=random.Random(0))
     assert ep["memory_steps"] == []
+
+
+EXTRA_LEVELS = ("GoToObj", "Pickup", "GoToRedBallGrey", "OpenDoor", "UnlockLocal", "PutNextS4N1", "GoToObjS6")
+
+
+@pytest.mark.parametrize("level", EXTRA_LEVELS)
+def test_any_registered_babyai_level_renders_and_the_bot_solves_it(level):
+    for i in range(3):
+        mission, texts, reward = _expert_rollout(level, eval_seed(i))
+        assert reward > 0, (level, i)
+        assert mission and all(t.startswith("facing ") and "; carrying " in t for t in texts)
+    assert _expert_rollout(level, eval_seed(0)) == _expert_rollout(level, eval_seed(0))
+
+
+def test_short_names_and_full_ids_are_the_same_level():
+    from thrifty.envs.babyai_levels import registered_babyai
+
+    assert level_id("GoToObj") == level_id("BabyAI-GoToObj-v0") == "BabyAI-GoToObj-v0"
+    assert level_id("GoToObjS6") == "BabyAI-GoToObjS6-v1"  # only v1 is registered: the highest version
+    assert _expert_rollout("GoToRedBallGrey", eval_seed(1)) == _expert_rollout("BabyAI-GoToRedBallGrey-v0",
+                                                                                eval_seed(1))
+    assert set(LEVELS) <= set(registered_babyai())
+    assert all(level_id(name) == lid for name, lid in LEVELS.items())  # the named levels keep their ids
+
+
+@pytest.mark.parametrize("bad", ["GoToTheMoon", "BabyAI-GoToObj-v7", "MiniGrid-Empty-5x5-v0", "gotoobj", ""])
+def test_unregistered_levels_get_a_clear_error(bad):
+    with pytest.raises(UnknownLevelError, match="unknown BabyAI-Text level") as e:
+        BabyAITextEnv(bad)
+    assert "GoToLocal" in str(e.value) and "registered BabyAI levels" in str(e.value)
+
+
+def test_unregistered_level_error_suggests_close_names():
+    with pytest.raises(UnknownLevelError, match="did you mean GoToObj"):
+        level_id("GoToObjj")
+
+
+@pytest.mark.parametrize("level", ["KeyInBox", "BabyAI-PutNextS5N2Carrying-v0"])
+def test_levels_the_text_or_the_bot_cannot_serve_are_refused_with_the_reason(level):
+    with pytest.raises(UnknownLevelError, match="not supported: .*(box|carrying)"):
+        BabyAITextEnv(level)
+
+
+def test_the_rendering_refuses_what_it_cannot_show(monkeypatch):
+    """KeyInBox's key is inside a box: caught from the grid itself at reset, whatever the refusal table says."""
+    import gymnasium as gym
+
+    from thrifty.envs import babyai_levels
+    from thrifty.envs.babyai_text import unexpressed
+
+    env = gym.make("BabyAI-KeyInBox-v0")
+    env.reset(seed=0)
+    assert "box holds a" in unexpressed(env.unwrapped)
+    monkeypatch.delitem(babyai_levels.REFUSED_LEVELS, "KeyInBox")
+    with pytest.raises(UnknownLevelError, match="cannot be played as text: a box holds a"):
+        BabyAITextEnv("KeyInBox").reset(seed=0)
+    ok = gym.make("BabyAI-GoToObj-v0")
+    ok.reset(seed=0)
+    assert unexpressed(ok.unwrapped) is None

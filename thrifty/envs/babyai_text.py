@@ -1,5 +1,8 @@
 """BabyAI-Text: minigrid's BabyAI levels with each egocentric observation rendered as one short line of text.
 
+Levels: the named ones (`LEVELS`, `MEMORY_LEVELS`) and any registered `BabyAI-*` level, by short name
+(`GoToObj`, `GoToRedBallGrey`) or id (`BabyAI-GoToObj-v0`); see `thrifty.envs.babyai_levels`.
+
 The agent sees its 7x7 egocentric view (minigrid's own partial observation, occlusion included). We render:
 
     facing east; carrying nothing; red ball 2 ahead 1 left; closed blue door 3 ahead 2 right; wall 3 ahead; wall 1 left
@@ -36,6 +39,7 @@ from minigrid.core.world_object import Ball, Key
 from minigrid.envs.memory import MemoryEnv
 from minigrid.utils.baby_ai_bot import BabyAIBot
 
+from thrifty.envs.babyai_levels import UnknownLevelError, babyai_id, unknown_level
 from thrifty.envs.memory_expert import MemoryExpert
 
 ACTIONS = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
@@ -47,7 +51,8 @@ LEVELS = {
     "PutNextLocal": "BabyAI-PutNextLocal-v0",
     "GoToObjMazeS4": "BabyAI-GoToObjMazeS4-v0",  # multi-room: 2x2 rooms joined by doors
 }
-"""Short level name -> minigrid id. GoToObjMazeS4 is the multi-room level (long episodes, 1-2k-token contexts)."""
+"""Short level name -> minigrid id. GoToObjMazeS4 is the multi-room level (long episodes, 1-2k-token contexts).
+The levels the shipped planner is trained and benchmarked on; every other registered BabyAI level works too."""
 
 
 class _MemoryRecallEnv(MemoryEnv):
@@ -92,18 +97,18 @@ _VIEW = 7
 _AGENT_X, _AGENT_Y = _VIEW // 2, _VIEW - 1  # the agent's cell in its own view, facing up (-y)
 
 
-class UnknownLevelError(ValueError):
-    pass
-
-
 def level_id(level: str) -> str:
-    """Map a short level name (or a full BabyAI id) to the minigrid id; unknown names get a clear error."""
+    """Map a short level name (or a full id) to the minigrid id: the named levels first, then any registered
+    BabyAI level. Unknown or refused levels raise `UnknownLevelError` naming some available ones."""
     known = {**LEVELS, **MEMORY_LEVELS}
     if level in known:
         return known[level]
     if level in known.values():
         return level
-    raise UnknownLevelError(f"unknown BabyAI-Text level {level!r}; choose one of: {', '.join(known)}")
+    found = babyai_id(level)
+    if found is None:
+        raise unknown_level(level, list(known))
+    return found
 
 
 def train_seed(i: int) -> int:
@@ -127,6 +132,21 @@ def _offset(i: int, j: int) -> str:
     if right:
         parts.append(f"{abs(right)} {'right' if right > 0 else 'left'}")
     return " ".join(parts) or "here"
+
+
+def unexpressed(env) -> str | None:
+    """What the text rendering cannot say about this (reset) minigrid env, or None: a view other than 7x7, an
+    object type outside its vocabulary, or a box with something inside (the view shows only the box)."""
+    if env.agent_view_size != _VIEW:
+        return f"its agent view is {env.agent_view_size}x{env.agent_view_size}; the rendering reads a 7x7 view"
+    for cell in env.grid.grid:
+        if cell is None or cell.type == "wall":
+            continue
+        if cell.type not in _OBJECTS:
+            return f"it contains a {cell.type!r}, which the rendering has no words for"
+        if cell.type == "box" and cell.contains is not None:
+            return f"a box holds a {cell.contains.color} {cell.contains.type}, which the view never shows"
+    return None
 
 
 def render_observation(image: np.ndarray, direction: int) -> str:
@@ -192,6 +212,9 @@ class BabyAITextEnv(gym.Env):
         with contextlib.redirect_stdout(io.StringIO()):  # minigrid prints rejected samples during reset
             obs, info = self._env.reset(seed=seed)
         self.mission = obs["mission"]
+        reason = unexpressed(self._env.unwrapped)
+        if reason is not None:
+            raise UnknownLevelError(f"level {self.level!r} cannot be played as text: {reason}")
         memory = self.level_id in MEMORY_LEVELS.values()
         self._bot = MemoryExpert(self._env.unwrapped) if memory else BabyAIBot(self._env.unwrapped)
         self._expert_next: str | None = None
