@@ -1,0 +1,133 @@
+"""Policy suites: named sets of policies x Meta-World tasks x evaluation layouts, and the episode function.
+
+The same harness as the planner suites (`thrifty.bench.suites`): jobs, one JSON line per episode in a results file,
+resume, Ray. A job's `level` field holds the task name and its `seed` the evaluation layout (eval_seed(i)).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from thrifty.bench.results import Job
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_BC_POLICY = ASSETS / "bc_policy"
+"""The behaviour-cloned MLP policy on Meta-World MT10 (`thrifty train policy`, see its card)."""
+POLICY_MAX_STEPS = 200
+"""Step cap of the policy suites: the MT10 experts need at most ~150 steps on evaluation layouts (README)."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str
+    policy: str
+    """a name in POLICIES"""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "policy": self.policy, "settings": dict(self.settings)}
+
+
+def _expert(settings: dict):
+    from thrifty.agents.policy import ExpertPolicy
+
+    return ExpertPolicy()
+
+
+def _bc_mlp(settings: dict):
+    from thrifty.agents.mlp_policy import MLPPolicy
+
+    return MLPPolicy.load(settings.get("path") or SHIPPED_BC_POLICY)
+
+
+POLICIES: dict[str, Callable[[dict], Any]] = {"expert": _expert, "bc-mlp": _bc_mlp}
+"""Policy builders by name: settings dict -> an object with the policy protocol (thrifty.agents.policy)."""
+
+
+@dataclass(frozen=True)
+class PolicySuite:
+    name: str
+    description: str
+    configs: tuple[PolicyConfig, ...]
+    tasks: tuple[str, ...]
+    episodes: int = 30
+    """episodes per (config, task), on evaluation layouts eval_seed(0..episodes-1)"""
+    max_steps: int = POLICY_MAX_STEPS
+    reference: str = "expert"
+    """the configuration every other one is paired with"""
+
+    def jobs(self, episodes: int | None = None, tasks: tuple[str, ...] | None = None) -> list[Job]:
+        from thrifty.envs.metaworld import eval_seed
+
+        n = self.episodes if episodes is None else episodes
+        return [Job(self.name, c.name, t, eval_seed(i), i) for c in self.configs for t in (tasks or self.tasks)
+                for i in range(n)]
+
+
+def _mt10() -> tuple[str, ...]:
+    from thrifty.envs.metaworld import TASK_SETS
+
+    return TASK_SETS["MT10"]
+
+
+_EXPERT = PolicyConfig("expert", "expert")
+_BC = PolicyConfig("bc-mlp", "bc-mlp")
+
+POLICY_SUITES: dict[str, PolicySuite] = {
+    "metaworld": PolicySuite("metaworld", "Meta-World MT10: the scripted expert and the shipped BC MLP policy on "
+                             "evaluation layouts", (_EXPERT, _BC), _mt10(), episodes=30),
+    # metaworld-demo: what `make demo` adds, a few seconds: one policy row beside the planner's
+    "metaworld-demo": PolicySuite("metaworld-demo", "the shipped BC MLP policy and the expert on three MT10 tasks",
+                                  (_EXPERT, _BC), ("reach-v3", "drawer-close-v3", "button-press-topdown-v3"),
+                                  episodes=3),
+}
+
+
+def with_policy_path(suite: PolicySuite, path: str | Path | None, policy: str = "bc-mlp") -> PolicySuite:
+    """The suite with `path` given to every config of `policy` (unchanged when None)."""
+    if path is None:
+        return suite
+    configs = tuple(PolicyConfig(c.name, c.policy, {**c.settings, "path": str(path)}) if c.policy == policy else c
+                    for c in suite.configs)
+    return PolicySuite(suite.name, suite.description, configs, suite.tasks, suite.episodes, suite.max_steps,
+                       suite.reference)
+
+
+def build_policy(config: dict):
+    if config["policy"] not in POLICIES:
+        raise ValueError(f"unknown policy {config['policy']!r}; policies: {', '.join(POLICIES)}")
+    return POLICIES[config["policy"]](config["settings"])
+
+
+# --- the episode function (top level and plain-data arguments, so Ray can ship it) --------------------------------
+_CACHE: dict[tuple, Any] = {}
+
+
+def run_policy_job(job: Job, configs: dict[str, dict], threads: int, max_steps: int) -> dict:
+    """Play the episode `job` names with its policy; returns the result dict."""
+    import torch
+
+    from thrifty.agents.policy import run_policy_episode
+    from thrifty.envs.metaworld import MetaWorldEnv
+
+    torch.set_num_threads(threads)
+    config = configs[job.config]
+    pkey = ("policy", job.config, repr(sorted(config["settings"].items())))
+    if pkey not in _CACHE:
+        _CACHE[pkey] = build_policy(config)
+    ekey = ("env", job.level, max_steps)
+    if ekey not in _CACHE:
+        _CACHE[ekey] = MetaWorldEnv(job.level, max_steps=max_steps)
+    result = run_policy_episode(_CACHE[pkey], job.level, job.seed, max_steps=max_steps, env=_CACHE[ekey])
+    result["threads"] = threads
+    return result
+
+
+def policy_episode_fn(suite: PolicySuite, threads: int | None = None, max_steps: int | None = None):
+    threads = threads or min(2, os.cpu_count() or 1)
+    return partial(run_policy_job, configs={c.name: c.as_dict() for c in suite.configs}, threads=threads,
+                   max_steps=max_steps or suite.max_steps)
