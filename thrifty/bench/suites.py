@@ -139,7 +139,10 @@ class UnknownSuiteError(ValueError):
 
 def get_suite(name: str) -> Suite:
     if name not in SUITES:
-        raise UnknownSuiteError(f"unknown suite {name!r}; available suites: {', '.join(SUITES)}")
+        from thrifty.bench.policy_suites import POLICY_SUITES
+
+        names = [*SUITES, "coop", *POLICY_SUITES]
+        raise UnknownSuiteError(f"unknown suite {name!r}; available suites: {', '.join(names)}")
     return SUITES[name]
 
 

@@ -29,6 +29,8 @@ def bench(
     by_level: bool = typer.Option(True, help="one table row per configuration and level"),
     write_card: bool = typer.Option(False, help="write the per-level success into the model's card.json "
                                                 "(how the shipped planner's card gets its figures)"),
+    policy: Optional[Path] = typer.Option(None, help="policy suites: BC policy directory (default: the shipped one)"),
+    task: Optional[list[str]] = typer.Option(None, help="policy suites: restrict to these tasks or task sets"),
 ) -> None:
     """Run SUITE, append one JSON line per episode (resumable), print the table and write the Pareto plot."""
     from thrifty.backbones import ModelLoadError
@@ -39,6 +41,18 @@ def bench(
     from thrifty.techniques.token_pruning import PrunerMismatchError
     from thrifty.envs import UnknownLevelError
 
+    from thrifty.bench.policy_suites import POLICY_SUITES
+
+    if suite in POLICY_SUITES:  # Meta-World policies: tasks instead of levels, a policy instead of a planner
+        if level or model or pruner:
+            fail(f"`thrifty bench {suite}` is a policy suite: it takes --task and --policy, not --level, --model "
+                 "or --pruner")
+        from thrifty.cli.policy import bench_policy_suite
+
+        return bench_policy_suite(suite, out, episodes, task, policy, threads, max_steps, ray, ray_address,
+                                  write_card)
+    if policy or task:
+        fail(f"--policy and --task are for the policy suites ({', '.join(POLICY_SUITES)}), not {suite!r}")
     if suite == "coop":  # K robots over a shared context: its own runner (`thrifty bench-coop` has every option)
         if level or ray or max_steps or write_card:
             fail("`thrifty bench coop` takes --out, --episodes, --model, --pruner and --threads; use "
@@ -110,6 +124,11 @@ def suites() -> None:
         configs = ", ".join(c.name for c in s.configs)
         console.print(f"[bold]{s.name}[/]: {s.description}\n  configs: {configs}; levels: {', '.join(s.levels)}; "
                       f"{s.episodes} episodes each")
+    from thrifty.bench.policy_suites import POLICY_SUITES
+
+    for s in POLICY_SUITES.values():
+        console.print(f"[bold]{s.name}[/]: {s.description}\n  policies: {', '.join(c.name for c in s.configs)}; "
+                      f"tasks: {', '.join(s.tasks)}; {s.episodes} episodes each, at most {s.max_steps} steps")
     console.print("[bold]coop[/]: K in 2,4,8 robots on CoopGrid over a shared context: expert, full, prefix reuse, "
                   "token / random / recency pruning at 0.6 (`thrifty bench coop`; every option: `thrifty bench-coop`)")
 

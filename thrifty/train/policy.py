@@ -36,7 +36,7 @@ class BCRecipe:
     """hidden layers"""
     task_dim: int = 32
     """task embedding size"""
-    steps: int = 20_000
+    steps: int = 10_000
     """optimisation steps"""
     batch_size: int = 1024
     lr: float = 1e-3

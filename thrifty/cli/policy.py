@@ -1,0 +1,132 @@
+"""`thrifty collect metaworld`, `thrifty train policy` and the policy suites of `thrifty bench` (Meta-World)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from thrifty.cli._app import app, console, fail, train_app
+
+collect_app = typer.Typer(no_args_is_help=True, help="Collect expert demonstrations.")
+app.add_typer(collect_app, name="collect")
+
+
+@collect_app.command("metaworld")
+def collect_metaworld_cmd(
+    out: Path = typer.Option(..., help="demonstration directory (manifest.json + shards/)"),
+    tasks: str = typer.Option("MT10", help="task sets (MT10, MT50) and/or task names, comma-separated"),
+    episodes: int = typer.Option(100, min=1, help="episodes per task, on training layouts train_seed(0..N-1)"),
+    noise: float = typer.Option(0.0, min=0.0, max=1.0, help="probability of executing a random action instead of "
+                                "the expert's (the label stays the expert's)"),
+    max_steps: int = typer.Option(200, min=1, max=500, help="step cap per episode"),
+    first_seed: int = typer.Option(0, min=0, help="first training layout index"),
+    frames: bool = typer.Option(False, help="also record an RGB frame per step"),
+    camera: str = typer.Option("corner", help="camera for --frames"),
+    size: int = typer.Option(64, help="frame size in pixels for --frames"),
+) -> None:
+    """Play Meta-World's scripted experts on training layouts and write resumable, memory-mappable shards."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from thrifty.envs.metaworld import UnknownTaskError, resolve_tasks
+    from thrifty.train.demos import CollectSettings, DemoDirError, collect
+
+    try:
+        settings = CollectSettings(tasks=resolve_tasks(tasks), episodes=episodes, noise=noise, max_steps=max_steps,
+                                   first_seed=first_seed, frames=frames, camera=camera, size=size)
+    except (UnknownTaskError, ValueError) as e:
+        fail(str(e))
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+    try:
+        with bar:
+            t = bar.add_task(f"expert episodes -> {out}", total=episodes * len(settings.tasks))
+            manifest = collect(out, settings, progress=lambda n: bar.advance(t, n))
+    except DemoDirError as e:
+        fail(str(e))
+    counts = manifest.counts()
+    for task, c in counts["per_task"].items():
+        console.print(f"{task}: {c['episodes']} episodes, {c['steps']} steps, expert success {c['expert_success']:.2f}")
+    console.print(f"{counts['episodes']} episodes, {counts['steps']} steps in {out}")
+
+
+@train_app.command("policy")
+def train_policy_cmd(
+    data: Path = typer.Option(..., help="demonstration directory (`thrifty collect metaworld`)"),
+    out: Optional[Path] = typer.Option(None, help="policy directory to write (default: the shipped asset's place)"),
+    run_dir: Path = typer.Option(Path("runs/bc_policy"), help="resumable checkpoint"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps (default: the recipe's)"),
+    hidden: Optional[int] = typer.Option(None, min=1, help="hidden width (default: the recipe's)"),
+    layers: Optional[int] = typer.Option(None, min=1, help="hidden layers (default: the recipe's)"),
+    threads: int = typer.Option(2, min=1, help="torch threads"),
+) -> None:
+    """Behaviour-clone the MLP policy on Meta-World demonstrations (resumes from RUN_DIR)."""
+    from thrifty.bench.policy_suites import SHIPPED_BC_POLICY
+    from thrifty.train.demos import DemoDirError
+    from thrifty.train.policy import BCRecipe, train_policy
+
+    recipe = BCRecipe(threads=threads)
+    for name, value in (("steps", steps), ("hidden", hidden), ("layers", layers)):
+        if value is not None:
+            setattr(recipe, name, value)
+    try:
+        path = train_policy(recipe, data, out or SHIPPED_BC_POLICY, run_dir, command="thrifty " + " ".join(sys.argv[1:]))
+    except DemoDirError as e:
+        fail(str(e))
+    console.print(f"policy written to {path}; measure it with `thrifty bench metaworld --policy {path}`")
+
+
+def bench_policy_suite(suite: str, out: Optional[Path], episodes: Optional[int], tasks: Optional[list[str]],
+                       policy: Optional[Path], threads: Optional[int], max_steps: Optional[int], ray: bool,
+                       ray_address: Optional[str], write_card: bool) -> None:
+    """`thrifty bench SUITE` for a policy suite: one JSON line per episode, tables per task and overall, a plot."""
+    from thrifty.agents.mlp_policy import PolicyLoadError, load_policy_net
+    from thrifty.bench import ResultsFile, ResultsMismatchError, run_jobs, write_summary_json
+    from thrifty.bench.paired import paired_rows, print_paired
+    from thrifty.bench.policy_report import policy_plot, print_policy_table, summarize_policy
+    from thrifty.bench.policy_suites import POLICY_SUITES, SHIPPED_BC_POLICY, policy_episode_fn, with_policy_path
+    from thrifty.envs.metaworld import UnknownTaskError, resolve_tasks
+
+    spec = with_policy_path(POLICY_SUITES[suite], policy)
+    try:
+        chosen = resolve_tasks(tasks) if tasks else None
+    except UnknownTaskError as e:
+        fail(str(e))
+    path = policy or SHIPPED_BC_POLICY
+    try:
+        load_policy_net(path)
+    except PolicyLoadError as e:
+        fail(f"{e}" + ("" if policy else " (rebuild it with the command in the README)"))
+    out = out or Path("results") / f"{suite}.jsonl"
+    jobs = spec.jobs(episodes, chosen)
+    fn = policy_episode_fn(spec, threads=threads if threads else (1 if ray else None), max_steps=max_steps)
+    meta = {"configs": [c.as_dict() for c in spec.configs], "max_steps": max_steps or spec.max_steps, "ray": ray}
+    try:
+        results = ResultsFile(out, suite, meta=meta)
+    except (ResultsMismatchError, ValueError) as e:
+        fail(str(e))
+    console.print(f"[bold]{suite}[/]: {spec.description}; {len(jobs)} episodes -> {out}")
+    records = run_jobs(jobs, fn, results, use_ray=ray, ray_address=ray_address)
+    rows = summarize_policy(records, by_task=True, reference=spec.reference)
+    overall = summarize_policy(records, by_task=False, reference=spec.reference)
+    print_policy_table(rows, console, f"thrifty bench {suite}: per task")
+    print_policy_table(overall, console, f"thrifty bench {suite}: all tasks")
+    paired = paired_rows(records, reference=spec.reference)
+    print_paired(paired, console, f"thrifty bench {suite}: paired with {spec.reference} (same tasks and layouts)")
+    plot = policy_plot(rows, out.with_suffix(".png"), f"thrifty bench {suite}")
+    summary = write_summary_json(rows + overall, out.with_name(out.stem + "_summary.json"))
+    if write_card:
+        card_file = Path(path) / "card.json"
+        card = json.loads(card_file.read_text())
+        name = next(c.name for c in spec.configs if c.policy == "bc-mlp")
+        card["success"] = {r["task"]: {k: r[k] for k in ("success", "success_lo", "success_hi", "episodes", "steps",
+                                                          "relative_to_reference")}
+                           for r in rows + overall if r["config"] == name}
+        card["expert_success"] = {r["task"]: r["success"] for r in rows + overall if r["config"] == spec.reference}
+        card["success_measured_by"] = "thrifty " + " ".join(sys.argv[1:])
+        card_file.write_text(json.dumps(card, indent=2) + "\n")
+        console.print(f"success per task written to {card_file}")
+    console.print(f"results: {out}\nplot: {plot}\nsummary: {summary}")
