@@ -18,6 +18,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/thrifty bench demo
+	$(BIN)/thrifty bench metaworld-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
