@@ -166,3 +166,14 @@ def test_collect_refuses_a_directory_of_another_task_set(tmp_path):
         DemoSet(tmp_path).arrays(tasks=("push-v3",))
     with pytest.raises(DemoDirError, match="no demonstrations at"):
         DemoSet(tmp_path / "missing")
+
+
+def test_frames_are_rendered_upright_at_the_asked_size():
+    env = MetaWorldEnv("reach-v3", render=True, size=32, max_steps=5)
+    obs, _ = env.reset(seed=eval_seed(0))
+    frame = obs["frame"]
+    assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8 and frame.std() > 1.0
+    assert env.observation_space["frame"].contains(frame)
+    env.close()
+    with pytest.raises(RuntimeError, match="render=False"):
+        MetaWorldEnv("reach-v3").render()
