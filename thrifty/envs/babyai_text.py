@@ -41,6 +41,7 @@ from minigrid.utils.baby_ai_bot import BabyAIBot
 
 from thrifty.envs.babyai_levels import UnknownLevelError, babyai_id, unknown_level
 from thrifty.envs.memory_expert import MemoryExpert
+from thrifty.envs.seeds import EVAL_SEED_BASE, eval_seed, train_seed  # noqa: F401  (re-exported)
 
 ACTIONS = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 """The 7 minigrid actions as words, in minigrid's index order."""
@@ -87,9 +88,6 @@ is the cue XOR the placement; MemoryRecallS13 (`_MemoryRecallEnv`) makes it a re
 LEVEL_MAX_STEPS = {"MemoryS13": 96, "MemoryRecallS13": 96}
 """Step caps replacing minigrid's default (5 x 13^2 = 845 for MemoryS13; the expert needs at most ~40)."""
 
-EVAL_SEED_BASE = 1_000_000_000
-"""Evaluation seeds are EVAL_SEED_BASE + i; training seeds are below it, so the two never overlap."""
-
 _DIRECTIONS = ("east", "south", "west", "north")
 _OBJECTS = {"key", "ball", "box", "door", "goal", "lava"}
 _DOOR_STATES = {0: "open", 1: "closed", 2: "locked"}
@@ -110,17 +108,6 @@ def level_id(level: str) -> str:
         raise unknown_level(level, list(known))
     return found
 
-
-def train_seed(i: int) -> int:
-    if not 0 <= i < EVAL_SEED_BASE:
-        raise ValueError(f"training seed index must be in [0, {EVAL_SEED_BASE}), got {i}")
-    return i
-
-
-def eval_seed(i: int) -> int:
-    if i < 0:
-        raise ValueError(f"evaluation seed index must be >= 0, got {i}")
-    return EVAL_SEED_BASE + i
 
 
 def _offset(i: int, j: int) -> str:
