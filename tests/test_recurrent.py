@@ -1,0 +1,51 @@
+"""Recurrent backbones: stepping equals the parallel forward, the state stays the same size, bad configs refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from thrifty.backbones.recurrent import BackendError, RecurrentConfig, build_recurrent, state_bytes
+
+CONFIGS = {
+    "xlstm-mlstm": RecurrentConfig("xlstm", d_model=32, layers=2, heads=4, context_length=24),
+    "xlstm-slstm": RecurrentConfig("xlstm", d_model=32, layers=2, heads=4, context_length=24, slstm_at=(1,)),
+    "mamba": RecurrentConfig("mamba", d_model=32, layers=2, state_size=8),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_step_by_step_equals_parallel_and_state_is_constant(name):
+    torch.manual_seed(0)
+    model = build_recurrent(CONFIGS[name]).eval()
+    x = torch.randn(2, 24, 32)
+    with torch.no_grad():
+        parallel = model(x)
+        state, outs, sizes = None, [], []
+        for t in range(x.shape[1]):
+            y, state = model.step(x[:, t:t + 1], state)
+            outs.append(y)
+            sizes.append(state_bytes(state))
+    assert (torch.cat(outs, 1) - parallel).abs().max().item() <= 1e-5
+    assert sizes[0] > 0 and len(set(sizes)) == 1  # fixed-size state, whatever the context length
+
+
+def test_mamba_state_bytes_match_a_hand_count():
+    model = build_recurrent(CONFIGS["mamba"]).eval()
+    with torch.no_grad():
+        _, state = model.step(torch.randn(1, 1, 32), None)
+    inner = 2 * 32  # expand x d_model channels; per layer a conv window (kernel 4) and an SSM state (size 8)
+    assert state_bytes(state) == 2 * (inner * 4 + inner * 8) * 4
+
+
+def test_bad_configurations_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="unknown recurrent architecture 'gru'.*xlstm, mamba"):
+        RecurrentConfig("gru")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="vanilla"):
+            RecurrentConfig("xlstm", slstm_at=(1,), slstm_backend="cuda")
+    with pytest.raises(ValueError, match="outside"):
+        RecurrentConfig("xlstm", layers=2, slstm_at=(2,))
+    model = build_recurrent(CONFIGS["xlstm-mlstm"])
+    with pytest.raises(ValueError, match="built for at most 24"):
+        model(torch.randn(1, 25, 32))

@@ -1,0 +1,138 @@
+"""Recurrent backbones with a fixed-size state: xLSTM (the `xlstm` package) and Mamba (`transformers`).
+
+LRAM (Schmied et al., 2024, "A Large Recurrent Action Model") replaces a Decision Transformer by xLSTM or Mamba:
+training runs in parallel over a whole sequence, acting steps one token at a time with a state whose size does not
+grow with the context. Both adapters here take and return embeddings, not token ids:
+
+    forward(x)        x (B, T, D) -> y (B, T, D)                     parallel (training)
+    step(x, state)    x (B, 1, D) -> y (B, 1, D), new state          recurrent (acting); state=None starts fresh
+    state_bytes(state)                                               bytes the state holds (constant in T)
+
+Invariant (tests/test_recurrent.py): stepping through a sequence gives the parallel forward's output (<= 1e-5).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+ARCHITECTURES = ("xlstm", "mamba")
+
+
+class BackendError(ValueError):
+    """A backbone configuration this machine cannot run (for example xLSTM's CUDA kernels without a GPU)."""
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    layers = getattr(obj, "layers", None)  # a transformers cache: a list of per-layer objects
+    if layers is not None:
+        return [t for layer in layers for t in _tensors({k: v for k, v in vars(layer).items()
+                                                          if isinstance(v, (torch.Tensor, dict, list, tuple))})]
+    return []
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes held by the tensors of a recurrent state (nested dicts/tuples, or a transformers cache)."""
+    return sum(t.numel() * t.element_size() for t in _tensors(state))
+
+
+@dataclass(frozen=True)
+class RecurrentConfig:
+    arch: str = "xlstm"
+    d_model: int = 128
+    layers: int = 4
+    heads: int = 4
+    """xLSTM: heads per mLSTM/sLSTM layer (Mamba ignores it)"""
+    slstm_at: tuple[int, ...] = ()
+    """xLSTM: indices of the blocks that are sLSTM (pure-PyTorch "vanilla" backend); the others are mLSTM"""
+    slstm_backend: str = "vanilla"
+    context_length: int = 256
+    """xLSTM: the training sequence length its parallel kernels are built for (stepping is not bounded by it)"""
+    state_size: int = 16
+    """Mamba: SSM state size per channel"""
+    expand: int = 2
+    conv_kernel: int = 4
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown recurrent architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.slstm_backend == "cuda" and not torch.cuda.is_available():
+            raise BackendError("sLSTM backend 'cuda' needs a CUDA GPU, and this machine has none; use "
+                               "slstm_backend='vanilla' (xlstm's pure-PyTorch backend, which runs on the CPU)")
+        if self.slstm_backend not in ("vanilla", "cuda"):
+            raise ValueError(f"sLSTM backend must be 'vanilla' (CPU) or 'cuda', got {self.slstm_backend!r}")
+        if any(not 0 <= i < self.layers for i in self.slstm_at):
+            raise ValueError(f"slstm_at {self.slstm_at} names blocks outside 0..{self.layers - 1}")
+        if min(self.d_model, self.layers, self.heads, self.context_length) < 1 or self.d_model % self.heads:
+            raise ValueError(f"need positive sizes and d_model divisible by heads, got {self}")
+
+
+class XLSTMBackbone(nn.Module):
+    """An `xlstm.xLSTMBlockStack` (Beck et al., 2024): mLSTM blocks, sLSTM blocks where `slstm_at` says."""
+
+    def __init__(self, cfg: RecurrentConfig) -> None:
+        super().__init__()
+        from xlstm import (FeedForwardConfig, mLSTMBlockConfig, mLSTMLayerConfig, sLSTMBlockConfig,
+                           sLSTMLayerConfig, xLSTMBlockStack, xLSTMBlockStackConfig)
+
+        self.cfg = cfg
+        slstm = None
+        if cfg.slstm_at:
+            slstm = sLSTMBlockConfig(slstm=sLSTMLayerConfig(backend=cfg.slstm_backend, num_heads=cfg.heads,
+                                                            conv1d_kernel_size=cfg.conv_kernel,
+                                                            bias_init="powerlaw_blockdependent"),
+                                     feedforward=FeedForwardConfig(proj_factor=1.3, act_fn="gelu"))
+        stack = xLSTMBlockStackConfig(
+            mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(conv1d_kernel_size=cfg.conv_kernel,
+                                                                qkv_proj_blocksize=4, num_heads=cfg.heads)),
+            slstm_block=slstm, context_length=cfg.context_length, num_blocks=cfg.layers,
+            embedding_dim=cfg.d_model, slstm_at=list(cfg.slstm_at))
+        self.stack = xLSTMBlockStack(stack)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); T at most `context_length` (the parallel kernels' size)."""
+        if x.shape[1] > self.cfg.context_length:
+            raise ValueError(f"xLSTM parallel forward over {x.shape[1]} steps, but it was built for at most "
+                             f"{self.cfg.context_length} (context_length); step() has no such bound")
+        return self.stack(x)
+
+    def step(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        """x (B, 1, D) -> y (B, 1, D), state (per block: conv and mLSTM (C, n, m) or sLSTM states)."""
+        return self.stack.step(x, state)
+
+
+class MambaBackbone(nn.Module):
+    """`transformers.MambaModel` (Gu and Dao, 2023) over embeddings; stepping carries its conv and SSM cache."""
+
+    def __init__(self, cfg: RecurrentConfig) -> None:
+        super().__init__()
+        from transformers import MambaConfig, MambaModel
+
+        self.cfg = cfg
+        self.model = MambaModel(MambaConfig(vocab_size=2, hidden_size=cfg.d_model, state_size=cfg.state_size,
+                                            num_hidden_layers=cfg.layers, expand=cfg.expand,
+                                            conv_kernel=cfg.conv_kernel, use_cache=True))
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "cache_params"  # renamed in transformers 5.24
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=x, use_cache=False).last_hidden_state
+
+    def step(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        out = self.model(inputs_embeds=x, use_cache=True, **{self._cache_arg: state})
+        cache = getattr(out, "cache", None) or getattr(out, "cache_params", None) or getattr(out, "past_key_values")
+        return out.last_hidden_state, cache
+
+
+def build_recurrent(cfg: RecurrentConfig) -> nn.Module:
+    return XLSTMBackbone(cfg) if cfg.arch == "xlstm" else MambaBackbone(cfg)
