@@ -37,6 +37,8 @@ class Policy(Protocol):
 
     def act(self, observation: dict[str, Any]) -> PolicyStep: ...
 
+    # optional: `observe_reward(reward)` after each step, for policies conditioned on returns (LRAM)
+
 
 class ExpertPolicy:
     """Meta-World's scripted expert behind the policy protocol (hand-written rules: no FLOPs are counted)."""
@@ -110,7 +112,9 @@ def run_policy_episode(policy: Policy, task: str, seed: int, max_steps: int = 20
             if step.cost.exit_layer:
                 exits.append(step.cost.exit_layer)
             digest.update(action.tobytes())
-            obs, _, terminated, truncated, info = env.step(action)
+            obs, reward, terminated, truncated, info = env.step(action)
+            if hasattr(policy, "observe_reward"):  # return-conditioned policies (LRAM) read the reward
+                policy.observe_reward(reward)
             steps += 1
             if terminated or truncated:
                 success = bool(info["success"])

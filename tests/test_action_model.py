@@ -1,0 +1,98 @@
+"""LRAM action models: tokenisation round trip, acting step by step equals the parallel forward, bad inputs."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from thrifty.agents.action_model import (ARCHS, ActionModel, ActionModelConfig, ActionModelLoadError,
+                                         ActionModelPolicy, ActionTokenizer, load_action_model, save_action_model)
+
+
+@given(st.lists(st.floats(-1.0, 1.0, width=32), min_size=1, max_size=16), st.integers(2, 512))
+def test_tokenisation_round_trips_within_half_a_bin(xs, bins):
+    tok = ActionTokenizer(bins)
+    x = torch.tensor(xs)
+    idx = tok.encode(x)
+    assert int(idx.min()) >= 0 and int(idx.max()) < bins
+    assert (tok.decode(idx) - x).abs().max().item() <= tok.width / 2 + 1e-6
+
+
+def _model(arch: str, window=None) -> ActionModel:
+    torch.manual_seed(0)
+    return ActionModel(ActionModelConfig(arch, d_model=32, layers=2, heads=4, context_steps=8, window=window)).eval()
+
+
+def _acted_logits(model: ActionModel, states, rtgs, rewards) -> list[torch.Tensor]:
+    """Logits the policy computes when acting step by step (its own feeding of r_{t-1}, s_t, R_t)."""
+    policy = ActionModelPolicy(model)
+    policy.reset("reach-v3", "reach the goal")
+    out = []
+    for t in range(states.shape[1]):
+        policy.rtg = float(rtgs[0, t])
+        act = policy.act({"state": states[0, t].numpy()})
+        with torch.no_grad():
+            out.append(act)
+        policy.observe_reward(float(rewards[0, t]))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_acting_step_by_step_equals_the_parallel_forward(arch):
+    model = _model(arch)
+    g = torch.Generator().manual_seed(1)
+    states, rtgs, rewards = torch.randn(1, 7, 39, generator=g), 50 * torch.rand(1, 7, generator=g), torch.rand(1, 7)
+    with torch.no_grad():
+        expected = model.tokenizer.decode(model(states, rtgs, rewards)[0].argmax(-1))  # (T, A)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated transformers argument from our calls
+        acted = _acted_logits(model, states, rtgs, rewards)
+    for t, step in enumerate(acted):
+        assert np.array_equal(step.action, expected[t].numpy()), t
+        assert step.cost.flops > 0 and step.cost.kv_bytes > 0
+
+
+def test_dt_sliding_window_keeps_the_newest_steps_only():
+    model = _model("dt", window=2)
+    policy = ActionModelPolicy(model)
+    policy.reset("reach-v3", "")
+    for _ in range(5):
+        policy.act({"state": np.zeros(39, np.float32)})
+        policy.observe_reward(1.0)
+    assert all(layer.keys.shape[-2] == 6 for layer in policy.state.layers)  # 2 steps x 3 tokens
+
+
+def test_recurrent_state_does_not_grow_with_the_context():
+    policy = ActionModelPolicy(_model("xlstm"))
+    policy.reset("reach-v3", "")
+    sizes = []
+    for _ in range(12):  # past the 8-step training length: the state is never truncated
+        sizes.append(policy.act({"state": np.zeros(39, np.float32)}).cost.kv_bytes)
+        policy.observe_reward(0.5)
+    assert len(set(sizes)) == 1
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="unknown action-model architecture 'lstm'"):
+        ActionModelConfig("lstm")
+    with pytest.raises(ValueError, match="window"):
+        ActionModelConfig("dt", window=0)
+    model = _model("dt")
+    with pytest.raises(ValueError, match="built for 8"):
+        model(torch.zeros(1, 9, 39), torch.zeros(1, 9), torch.zeros(1, 9))
+    with pytest.raises(ValueError, match="at most 39"):
+        model(torch.zeros(1, 2, 40), torch.zeros(1, 2), torch.zeros(1, 2))
+    path = save_action_model(model, tmp_path / "dt", {"target_returns": {"reach-v3": 10.0}})
+    assert isinstance(load_action_model(path)[0], ActionModel)
+    with pytest.raises(ActionModelLoadError, match="is a 'dt' action model, not 'xlstm'"):
+        load_action_model(path, arch="xlstm")
+    with pytest.raises(ActionModelLoadError, match="no action model"):
+        load_action_model(tmp_path / "none")
+    policy = ActionModelPolicy.load(path)
+    with pytest.raises(ValueError, match="not on 'push-v3'"):
+        policy.reset("push-v3", "")
