@@ -1,11 +1,14 @@
 import json
+import warnings
 
 import pytest
 from typer.testing import CliRunner
 
 from thrifty.bench import SHIPPED_PLANNER, Job, ResultsFile, get_suite, run_jobs
-from thrifty.bench.suites import BenchConfig, Suite, episode_fn
+from thrifty.bench.suites import PRUNING_TECHNIQUES, BenchConfig, Suite, episode_fn
 from thrifty.cli import app
+from thrifty.techniques.base import forget_warnings
+from thrifty.techniques.pruning_common import PruningNoOpWarning
 
 runner = CliRunner()
 DETERMINISTIC = ("success", "steps", "decisions", "unparseable", "actions", "tokens_context_mean", "flops_total")
@@ -47,8 +50,13 @@ def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_d
     out = tmp_path / "demo.jsonl"
     args = ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir), "--episodes", "1",
             "--level", "GoToLocal", "--threads", "1", "--max-steps", "10", "--pruner", str(tiny_pruner_path)]
-    r = runner.invoke(app, args)
+    forget_warnings()  # as in a fresh process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
+    noop = [str(w.message).split(":")[0] for w in caught if issubclass(w.category, PruningNoOpWarning)]
+    assert sorted(noop) == sorted(PRUNING_TECHNIQUES)  # once per technique, not per decision or configuration
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert lines[0]["kind"] == "header" and lines[0]["suite"] == "demo"
     configs = [c.name for c in get_suite("demo").configs]
@@ -62,6 +70,7 @@ def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_d
     assert r2.exit_code == 0 and len(out.read_text().splitlines()) == 1 + len(configs)
 
 
+@pytest.mark.filterwarnings("ignore::thrifty.techniques.pruning_common.PruningNoOpWarning")  # 4-step contexts
 def test_memory_suite_runs_its_level_and_pins_its_own_planner_and_pruner(tmp_path, tiny_planner_dir,
                                                                         tiny_pruner_path, monkeypatch):
     """`memory` defaults to the memory planner and pruner (not the BabyAI ones) and prunes from layer 0 on; it runs

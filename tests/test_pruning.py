@@ -1,5 +1,6 @@
 """Token pruning and its count-matched baselines: exactness, protection, masked reference, determinism, bad inputs."""
 
+import warnings
 from functools import lru_cache
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from thrifty.backbones import HFDecoder, tiny_model
 from thrifty.runtime import Session
 from thrifty.techniques import REGISTRY, DecisionContext, build
+from thrifty.techniques.base import forget_warnings
 from thrifty.techniques.pruning_common import (PruneLayerError, PruningNoOpWarning, default_prune_layers,
                                                keep_counts, layer_tokens)
 from thrifty.techniques.token_pruning import (PrunerFingerprintWarning, PrunerMismatchError, TokenPruning,
@@ -46,6 +48,12 @@ def context(n=90, mission=(1, 9), obs_len=20, seed=0):
     return DecisionContext(ids, spans, seed=seed)
 
 
+@pytest.fixture
+def fresh_warnings():
+    """As in a fresh process: no warning has been given yet (they are given once per process and technique)."""
+    forget_warnings()
+
+
 def prefill(t, ctx, bb=None, logits="last"):
     """Run a decision's prefill through the technique; returns the session and the extend result."""
     bb = bb or backbone()
@@ -60,7 +68,7 @@ def test_registered():
 
 @pytest.mark.parametrize("name", PRUNERS)
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_keep_one_is_exactly_the_full_model(name, family):
+def test_keep_one_is_exactly_the_full_model(name, family, fresh_warnings):
     bb = HFDecoder.from_model(tiny_model(family, num_hidden_layers=N_LAYERS))
     ctx = context()
     with pytest.warns(PruningNoOpWarning, match="no-op"):
@@ -220,13 +228,31 @@ def test_prune_layers_out_of_range(name):
 
 
 @pytest.mark.parametrize("name", PRUNERS)
-def test_short_context_warns_noop(name):
+def test_short_context_warns_noop(name, fresh_warnings):
     ctx = context(n=30, mission=(1, 9), obs_len=21)  # 4 sink, mission, observation and 16 recent cover it all
     t = technique(name, keep_ratio=0.5)
-    with pytest.warns(PruningNoOpWarning, match="pruning is a no-op"):
+    with pytest.warns(PruningNoOpWarning, match="pruning was a no-op"):
         s, r = prefill(t, ctx)
     assert [w.queries for w in r.works] == [30] * N_LAYERS
     assert t.report()["prunable"] == 0
+
+
+def test_noop_warnings_once_per_process_and_technique(fresh_warnings):
+    """Many short contexts, several instances and filter changes in between (as libraries make): one warning per
+    technique and reason, not one per decision."""
+    short = context(n=30, mission=(1, 9), obs_len=21)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for name in ("token_pruning", "random_pruning"):
+                prefill(technique(name, keep_ratio=0.5), short)
+                build(name, keep_ratio=1.0)
+            with warnings.catch_warnings():  # resets Python's own once-per-location registries
+                warnings.simplefilter("ignore", UserWarning)
+    got = sorted((str(w.message).split(":")[0], "keep_ratio=1.0" in str(w.message)) for w in caught
+                 if issubclass(w.category, PruningNoOpWarning))
+    assert got == [("random_pruning", False), ("random_pruning", True), ("token_pruning", False),
+                   ("token_pruning", True)]
 
 
 def test_pruner_from_another_model(tmp_path):

@@ -13,6 +13,7 @@ Adding a technique (the checklist; see docs/techniques.md):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -80,6 +81,26 @@ class Technique:
 
     def settings(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+_WARNED: set[tuple] = set()
+
+
+def warn_once(key: tuple, message: str, category: type[Warning], stacklevel: int = 2) -> bool:
+    """Warn `message` the first time `key` (e.g. (technique name, what is wrong)) is seen in this process; later
+    calls with the same key are silent whatever the warning filters say, so a suite of many decisions, episodes
+    and filter changes (libraries that use `warnings.catch_warnings`) shows each problem once. Returns whether it
+    warned. `forget_warnings()` starts over (tests that assert a warning)."""
+    if key in _WARNED:
+        return False
+    _WARNED.add(key)
+    warnings.warn(message, category, stacklevel=stacklevel + 1)
+    return True
+
+
+def forget_warnings() -> None:
+    """Forget which keys `warn_once` has warned about, as in a fresh process."""
+    _WARNED.clear()
 
 
 REGISTRY: dict[str, type[Technique]] = {}

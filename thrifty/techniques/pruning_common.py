@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from thrifty.techniques.base import DecisionContext, LayerHook, Technique
+from thrifty.techniques.base import DecisionContext, LayerHook, Technique, warn_once
 
 SCHEDULES = ("compound", "work")
 SPAN_NAMES = ("mission", "observation", "stable_prefix", "task", "role", "own_observation")
@@ -205,8 +204,8 @@ class PruningTechnique(Technique):
         if unknown:
             raise ValueError(f"protect names unknown spans {unknown}; known spans: {', '.join(SPAN_NAMES)}")
         if self.is_noop:
-            warnings.warn(f"{self.name}: keep_ratio=1.0 drops nothing; this is the no-op setting", PruningNoOpWarning,
-                          stacklevel=3)
+            warn_once((self.name, "noop_setting"), f"{self.name}: keep_ratio=1.0 drops nothing; this is the no-op "
+                      "setting", PruningNoOpWarning, stacklevel=3)
 
     @property
     def is_noop(self) -> bool:
@@ -256,11 +255,12 @@ class PruningTechnique(Technique):
                 state.update(kept=kept, j=0, protected=n_prot)
                 self._report.update(protected=n_prot, prunable=n_pr, kept=kept, ratio=round(ratio, 4),
                                     work=round(work, 4))
-                if n_pr == 0:
-                    warnings.warn(
-                        f"{self.name}: the context has no token outside the protected spans {self.protect}, the "
-                        f"first {self.sink_tokens} and the newest {self.recent_tokens}: pruning is a no-op here",
-                        PruningNoOpWarning, stacklevel=2)
+                if n_pr == 0:  # typically the first decisions of an episode: said once per process
+                    warn_once((self.name, "all_protected"),
+                              f"{self.name}: pruning was a no-op for a context with no token outside the protected "
+                              f"spans {self.protect}, the first {self.sink_tokens} and the newest "
+                              f"{self.recent_tokens} (short contexts, such as an episode's first decisions: their "
+                              "reports say prunable=0). Shown once per process", PruningNoOpWarning, stacklevel=2)
             n_keep = state["protected"] + state["kept"][state["j"]]  # the same count for every technique
             state["j"] += 1
             if positions.numel() <= n_keep:

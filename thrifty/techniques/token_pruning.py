@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thrifty.techniques.base import DecisionContext, register
+from thrifty.techniques.base import DecisionContext, register, warn_once
 from thrifty.techniques.pruning_common import PruningTechnique, check_prune_layers
 
 SHIPPED_PRUNER = Path(__file__).resolve().parent.parent / "assets" / "pruner" / "model.safetensors"
@@ -165,9 +164,10 @@ class TokenScorer(nn.Module):
                 f"{s.n_layers} layers: {_TRAIN_HINT}")
         fp = self.meta.get("model_fingerprint")
         if fp is not None and fp != model_fingerprint(backbone):
-            warnings.warn(f"{source} was trained for {self.meta.get('model', '?')} (weights {fp}); this backbone's "
-                          f"weights differ ({model_fingerprint(backbone)}): its scores may mean little here",
-                          PrunerFingerprintWarning, stacklevel=2)
+            mine = model_fingerprint(backbone)
+            warn_once(("token_pruning", "fingerprint", source, fp, mine),
+                      f"{source} was trained for {self.meta.get('model', '?')} (weights {fp}); this backbone's "
+                      f"weights differ ({mine}): its scores may mean little here", PrunerFingerprintWarning)
         return self
 
 
@@ -270,7 +270,8 @@ class TokenPruning(PruningTechnique):
                            f"differs on this backbone at layer {layer}")
                     if self.pruner is None and not self._given:
                         raise PrunerMismatchError(f"{msg}: {_TRAIN_HINT}")
-                    warnings.warn(f"{msg}; its scores may mean little here", PrunerFingerprintWarning, stacklevel=2)
+                    warn_once(("token_pruning", "probe", self._source()),
+                              f"{msg}; its scores may mean little here", PrunerFingerprintWarning)
                 self._probed = True
         scores = scorer(layer, hidden[0, rows.to(hidden.device)]).float().cpu()  # [p]
         return rows[torch.sort(scores, descending=True, stable=True).indices]
