@@ -18,7 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thrifty.bench.report import (
+    dodge,
     format_flops,
+    pareto_figure,
     pareto_front,
     pareto_plot,
     print_table,
@@ -347,3 +349,35 @@ def test_pareto_plot_and_summary_json(tmp_path):
     loaded = json.loads(Path(out).read_text())
     assert [r["config"] for r in loaded] == ["A", "B", "C", "D"]
     assert math.isclose(loaded[0]["flops_per_decision"], 1e9)
+
+
+def _row(config, level, success, flops):
+    return dict(config=config, level=level, episodes=4, success=success, success_lo=max(0, success - 0.3),
+                success_hi=min(1, success + 0.3), flops_per_decision=flops)
+
+
+def test_pareto_figure_has_a_panel_per_level_and_a_legend_entry_per_config():
+    configs = ["full", "reuse", "prune", "random", "recency"]
+    rows = [_row(c, lv, 0.5, f) for lv in ("GoToLocal", "PickupLoc", "all")
+            for c, f in zip(configs, (9e9, 4e8, 4.7e9, 4.8e9, 4.9e9))]
+    rows.append(dict(config="no-flops", level="GoToLocal", success=1.0, flops_per_decision=None))  # left out
+    fig = pareto_figure(rows, "t")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["GoToLocal", "PickupLoc", "all levels"]
+    assert all(not ax.texts for ax in panels)  # no text labels over the points
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == configs + ["Pareto front"]
+    for ax in panels:  # one marker per configuration, each at its own place
+        points = [tuple(line.get_xydata()[0]) for line in ax.lines
+                  if line.get_marker() not in ("None", "", None, "_") and len(line.get_xydata()) == 1]  # "_": caps
+        assert len(points) == len(configs) and len(set(points)) == len(configs)
+
+
+def test_dodge_spreads_coinciding_points_only():
+    xs, ys = [4.7e9, 4.8e9, 4.9e9, 4e8, 9e9], [0.5, 0.5, 0.5, 0.5, 0.5]
+    shown = dodge(xs, ys)
+    assert shown[3] == 0.5 and shown[4] == 0.5  # alone: true success
+    assert sorted(shown[:3]) == shown[:3] and len(set(shown[:3])) == 3
+    assert math.isclose(sum(shown[:3]) / 3, 0.5) and max(abs(y - 0.5) for y in shown) < 0.1
+    assert dodge([1e9, 1e9], [0.5, 1.0]) == [0.5, 1.0]  # same FLOPs, other success: apart already
+

@@ -15,7 +15,9 @@ __all__ = [
     "summarize",
     "print_table",
     "pareto_plot",
+    "pareto_figure",
     "pareto_front",
+    "dodge",
     "write_summary_json",
     "format_flops",
     "ROW_FIELDS",
@@ -228,55 +230,114 @@ def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
-def pareto_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "thrifty benchmark") -> Path:
-    """Save a PNG of success rate (95% Wilson bars) against FLOPs per decision (log x).
+_MARKERS = "osD^vPXph<>*"
+_TIE_TOLERANCE = 0.06
+"""Points of one panel with the same success and FLOPs within 10**0.06 (15%) of each other count as coinciding."""
+_TIE_STEP = 0.04
+"""Vertical spacing (success units) between coinciding points, so each stays visible."""
 
-    One labelled point per row; the Pareto front (max success, min FLOPs) is drawn as a
-    step line, separately per level when the rows are per level. Rows without a positive
-    FLOPs figure or a success rate are left out. Does not touch pyplot's global state.
-    """
+
+def _short_flops(x: float) -> str:
+    """Axis label for a FLOPs figure: 200M, 1G, 5G."""
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:g}{unit}"
+    return f"{x:g}"
+
+
+def dodge(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
+    """Plotted y of points (flops, success): coinciding points (same success, FLOPs within 15%, chained) are spread
+    symmetrically about their true success, `_TIE_STEP` apart, in the given order; the others keep their y."""
+    out = [float(y) for y in ys]
+    order = sorted(range(len(xs)), key=lambda i: (ys[i], math.log10(xs[i])))
+    groups: list[list[int]] = []
+    for i in order:
+        last = groups[-1][-1] if groups else None
+        if last is not None and ys[last] == ys[i] and math.log10(xs[i]) - math.log10(xs[last]) <= _TIE_TOLERANCE:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for group in groups:
+        for k, i in enumerate(sorted(group)):
+            out[i] += (k - (len(group) - 1) / 2) * _TIE_STEP
+    return out
+
+
+def pareto_figure(rows: Sequence[Mapping[str, Any]], title: str = "thrifty benchmark"):
+    """The figure `pareto_plot` saves (a matplotlib `Figure`, not registered with pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    path = Path(path)
-    fig = Figure(figsize=(7.5, 5.0), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     usable = [
         r
         for r in rows
         if r.get("success") is not None and r.get("flops_per_decision") is not None and r["flops_per_decision"] > 0
     ]
-    levels = list(dict.fromkeys(r.get("level") for r in usable))
-    colors = [f"C{i % 10}" for i in range(len(levels))]
-    for level, color in zip(levels, colors):
+    levels = list(dict.fromkeys(r.get("level") for r in usable)) or ["all"]
+    configs = list(dict.fromkeys(r.get("config") for r in usable))
+    style = {c: (f"C{j % 10}", _MARKERS[j % len(_MARKERS)]) for j, c in enumerate(configs)}
+    ncol = 2 if len(levels) == 4 else min(3, len(levels))
+    nrow = (len(levels) + ncol - 1) // ncol
+    fig = Figure(figsize=(4.2 * ncol + 2.4, 3.6 * nrow + 0.7), dpi=120)
+    FigureCanvasAgg(fig)
+    handles: dict[str, Any] = {}
+    for i, level in enumerate(levels):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
         pts = [r for r in usable if r.get("level") == level]
         xs = [float(r["flops_per_decision"]) for r in pts]
         ys = [float(r["success"]) for r in pts]
-        lo = [max(0.0, y - (r.get("success_lo") if r.get("success_lo") is not None else y)) for r, y in zip(pts, ys)]
-        hi = [max(0.0, (r.get("success_hi") if r.get("success_hi") is not None else y) - y) for r, y in zip(pts, ys)]
-        label = None if level == "all" else f"level {level}"
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, ecolor=color, capsize=3, label=label)
-        for r, x, y in zip(pts, xs, ys):
-            ax.annotate(str(r.get("config")), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        for r, x, y, shown in zip(pts, xs, ys, dodge(xs, ys)):
+            lo = y - r["success_lo"] if r.get("success_lo") is not None else 0.0
+            hi = r["success_hi"] - y if r.get("success_hi") is not None else 0.0
+            color, marker = style[r.get("config")]
+            handles[str(r.get("config"))] = ax.errorbar(
+                [x], [shown], yerr=[[max(0.0, lo)], [max(0.0, hi)]], fmt=marker, color=color, ecolor=color,
+                elinewidth=1, capsize=3, markersize=7, markeredgecolor="white", markeredgewidth=0.6, zorder=3)
         front = pareto_front(zip(xs, ys))
-        if front:
-            fx, fy = zip(*front)
-            ax.step(fx, fy, where="post", color=color, alpha=0.6, linestyle="--",
-                    label="Pareto front" if level == "all" else f"Pareto front ({level})")
+        if front:  # a staircase from the cheapest point, flat to the costliest one
+            fx, fy = zip(*front, (max(xs), front[-1][1]))
+            (handles["Pareto front"],) = ax.step(fx, fy, where="post", color="0.35", alpha=0.7, linestyle="--",
+                                                 zorder=1)
+        if pts:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short_flops(v)))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            lo_x, hi_x = min(xs), max(xs)
+            ax.set_xlim(lo_x / 1.3, hi_x * 1.3)
+        else:
+            ax.text(0.5, 0.5, "no rows with success and FLOPs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_ylim(-0.1, 1.1)
+        ax.set_title("all levels" if level == "all" else str(level), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if i % ncol == 0:
+            ax.set_ylabel("success (95% Wilson interval)")
+        if i >= len(levels) - ncol:
+            ax.set_xlabel("FLOPs per decision")
+    if handles:  # the Pareto front last
+        labels = [k for k in handles if k != "Pareto front"] + [k for k in handles if k == "Pareto front"]
+        fig.legend([handles[k] for k in labels], labels, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle(title)
+    note = (f"coinciding points (same success, FLOPs within 15%) are drawn {_TIE_STEP:g} apart about their "
+            "success; the front uses the true values")
+    fig.text(0.01, 0.005, note, fontsize=7, color="0.4", ha="left", va="bottom")
+    right = 1 - 2.4 / (4.2 * ncol + 2.4) if handles else 1.0
+    fig.tight_layout(rect=(0, 0.03, right, 0.96))
+    return fig
 
-    if usable:
-        ax.set_xscale("log")
-        ax.legend(loc="lower right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no rows with success and FLOPs", ha="center", va="center", transform=ax.transAxes)
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("FLOPs per decision")
-    ax.set_ylabel("success rate (95% Wilson interval)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+
+def pareto_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str = "thrifty benchmark") -> Path:
+    """Save a PNG of success rate (95% Wilson bars) against FLOPs per decision (log x).
+
+    One panel per level (rows of level "all": a panel "all levels"); each configuration has its own marker and
+    colour, the same in every panel, and one legend entry (no text labels on the points). Each panel draws its
+    Pareto front (max success, min FLOPs) as a dashed step line. Coinciding points (same success, FLOPs within
+    15%) are spread a few hundredths apart vertically so every point can be read; the front uses the true values.
+    Rows without a positive FLOPs figure or a success rate are left out. Does not touch pyplot's global state.
+    """
+    path = Path(path)
+    fig = pareto_figure(rows, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path

@@ -103,7 +103,8 @@ def bench(
         print_table(overall, console=console, title=f"thrifty bench {suite}: all levels")
     paired = paired_rows(records)  # each config against `full` on the same (level, seed) episodes
     print_paired(paired, console, f"thrifty bench {suite}: paired with full (same levels and seeds)")
-    plot = pareto_plot(overall if not by_level else rows, out.with_suffix(".png"), title=f"thrifty bench {suite}")
+    plot = pareto_plot(rows + overall if by_level else overall, out.with_suffix(".png"),  # a panel per level, and all
+                       title=f"thrifty bench {suite}")
     summary = write_summary_json(rows, out.with_name(out.stem + "_summary.json"))
     if paired:
         write_summary_json(paired, out.with_name(out.stem + "_paired.json"))
