@@ -122,3 +122,22 @@ def test_policy_suite_on_ray_matches_in_process(tmp_path, tiny_policy_dir):
     remote = run_jobs(jobs, fn, ResultsFile(tmp_path / "b.jsonl", suite.name, {}), use_ray=True, progress=False)
     for a, b in zip(local, remote):
         assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}
+
+
+def test_train_action_model_command(tmp_path):
+    data = tmp_path / "demos"
+    assert runner.invoke(app, ["collect", "metaworld", "--tasks", "reach", "--episodes", "6", "--max-steps", "30",
+                               "--out", str(data)]).exit_code == 0
+    r = runner.invoke(app, ["train", "action-model", "--arch", "lstm", "--data", str(data)])
+    assert r.exit_code == 2 and "unknown action-model architecture 'lstm'" in r.output
+    out = tmp_path / "xlstm"
+    r = runner.invoke(app, ["train", "action-model", "--arch", "xlstm", "--data", str(data), "--out", str(out),
+                            "--run-dir", str(tmp_path / "run"), "--steps", "3", "--d-model", "32", "--layers", "1",
+                            "--batch-size", "2", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    from thrifty.agents.action_model import ActionModelPolicy
+
+    card = json.loads((out / "card.json").read_text())
+    assert card["config"]["arch"] == "xlstm" and card["curve"][-1]["step"] == 3 and "reach-v3" in card["target_returns"]
+    result = run_policy_episode(ActionModelPolicy.load(out, arch="xlstm"), "reach-v3", eval_seed(0), max_steps=4)
+    assert result["steps"] == 4 and result["kv_bytes_max"] > 0 and result["flops_total"] > 0

@@ -121,7 +121,7 @@ class MambaBackbone(nn.Module):
         self.cfg = cfg
         self.model = MambaModel(MambaConfig(vocab_size=2, hidden_size=cfg.d_model, state_size=cfg.state_size,
                                             num_hidden_layers=cfg.layers, expand=cfg.expand,
-                                            conv_kernel=cfg.conv_kernel, use_cache=True))
+                                            conv_kernel=cfg.conv_kernel, use_cache=True, use_mambapy=True))
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "cache_params"  # renamed in transformers 5.24
 

@@ -130,3 +130,33 @@ def bench_policy_suite(suite: str, out: Optional[Path], episodes: Optional[int],
         card_file.write_text(json.dumps(card, indent=2) + "\n")
         console.print(f"success per task written to {card_file}")
     console.print(f"results: {out}\nplot: {plot}\nsummary: {summary}")
+
+
+@train_app.command("action-model")
+def train_action_model_cmd(
+    arch: str = typer.Option(..., help="xlstm, mamba or dt (a Llama Decision Transformer)"),
+    data: Path = typer.Option(..., help="demonstration directory (`thrifty collect metaworld`)"),
+    out: Optional[Path] = typer.Option(None, help="model directory (default: runs/action_model_ARCH/export)"),
+    run_dir: Optional[Path] = typer.Option(None, help="resumable checkpoint (default: runs/action_model_ARCH)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps (default: the recipe's)"),
+    d_model: Optional[int] = typer.Option(None, min=8, help="model width (default: the recipe's)"),
+    layers: Optional[int] = typer.Option(None, min=1, help="blocks or layers (default: the recipe's)"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="windows per step (default: the recipe's)"),
+    threads: int = typer.Option(2, min=1, help="torch threads"),
+) -> None:
+    """Train one of LRAM's action models (xLSTM, Mamba, Decision Transformer) on Meta-World demonstrations."""
+    from thrifty.train.action_model import ActionModelRecipe, train_action_model
+    from thrifty.train.demos import DemoDirError
+
+    try:
+        recipe = ActionModelRecipe(arch=arch, threads=threads)
+        for name, value in (("steps", steps), ("d_model", d_model), ("layers", layers), ("batch_size", batch_size)):
+            if value is not None:
+                setattr(recipe, name, value)
+        recipe.model_config()
+        run = run_dir or Path(f"runs/action_model_{arch}")
+        path = train_action_model(recipe, data, out or run / "export", run,
+                                  command="thrifty " + " ".join(sys.argv[1:]))
+    except (DemoDirError, ValueError) as e:
+        fail(str(e))
+    console.print(f"action model written to {path}")
