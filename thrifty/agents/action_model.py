@@ -94,7 +94,7 @@ class ActionModel(nn.Module):
             from transformers import LlamaConfig, LlamaModel
 
             self.backbone = LlamaModel(LlamaConfig(
-                vocab_size=2, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=cfg.layers,
+                vocab_size=2, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=cfg.layers,
                 num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                 max_position_embeddings=TOKENS_PER_STEP * cfg.context_steps, attn_implementation="eager",
                 bos_token_id=None, eos_token_id=None, pad_token_id=None))
