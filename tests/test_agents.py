@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from thrifty.agents.planner import (DEFAULT_ACTION, EpisodeConfig, PlannerContext, TextPlanner, parse_action,
-                                    run_episode)
+from thrifty.agents.planner import (DEFAULT_ACTION, WARMUP_DECISIONS, EpisodeConfig, PlannerContext, TextPlanner,
+                                    parse_action, run_episode, warm_up)
 from thrifty.agents.transcript import Transcript
 from thrifty.envs import ACTIONS, eval_seed
 from thrifty.train.planner import collect_episode, encode_episode
@@ -74,6 +74,32 @@ def test_episode_is_deterministic_and_counts_unparseable(planner):
     assert a["unparseable"] > 0
     assert a["actions"].count(DEFAULT_ACTION) >= a["unparseable"]
     assert a["flops_total"] > 0 and a["tokens_context_max"] > a["per_decision"]["tokens_context"][0]
+
+
+@pytest.mark.filterwarnings("ignore::thrifty.techniques.pruning_common.PruningNoOpWarning")  # short contexts
+def test_warm_up_leaves_the_technique_state_alone(tiny_planner_dir, tiny_pruner_path):
+    """The warm-up decisions run on a copy of the technique: a prefix store shared across episodes is not filled by
+    them, so the timed episodes are the same as without a warm-up; a pruner is loaded before the first timed one."""
+    from thrifty.techniques import build
+
+    def episodes(warm):
+        planner = TextPlanner.load(tiny_planner_dir, technique=build("prefix_reuse"))
+        made = warm_up(planner, "GoToLocal") if warm else 0
+        return made, [run_episode(planner, "GoToLocal", eval_seed(i), EpisodeConfig(max_steps=8)) for i in (0, 0)]
+
+    made, warmed = episodes(True)
+    _, cold = episodes(False)
+    assert made == WARMUP_DECISIONS
+    for a, b in zip(warmed, cold):
+        assert {k: a[k] for k in DETERMINISTIC} == {k: b[k] for k in DETERMINISTIC}
+        assert a["prefix_tokens_reused_total"] == b["prefix_tokens_reused_total"]
+    first = [e["per_decision"]["prefix_tokens_reused"][0] for e in warmed]
+    assert first[0] == 0 < first[1]  # the store serves the replayed episode, and had nothing from the warm-up
+    pruning = TextPlanner.load(tiny_planner_dir, technique=build("token_pruning", keep_ratio=0.6,
+                                                                 pruner=str(tiny_pruner_path)))
+    assert pruning.technique.scorer is None
+    assert warm_up(pruning, "GoToLocal", decisions=2) == 2 and pruning.technique.scorer is not None
+    assert warm_up(pruning, "GoToLocal", decisions=0) == 0
 
 
 def test_on_change_replanning_makes_fewer_or_equal_decisions(planner):

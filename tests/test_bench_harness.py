@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from thrifty.bench.report import (
     dodge,
     format_flops,
+    latency_note,
     pareto_figure,
     pareto_front,
     pareto_plot,
@@ -319,6 +320,12 @@ def test_summarize_exact_means():
     assert hard["flops_per_decision"] == pytest.approx(1e9) and hard["steps"] == 25
     assert summarize([]) == []
     assert summarize([{}])[0]["success"] is None
+
+
+def test_latency_note_says_whether_warm_up_is_left_out():
+    assert "warm-up left out (3 untimed decisions" in latency_note([{"warmup_decisions": 3}] * 4)
+    assert "1 of 2 episodes ran without a warm-up" in latency_note([{"warmup_decisions": 3}, {}])
+    assert "warm-up" not in latency_note([])
 
 
 def test_print_table_and_units():

@@ -4,6 +4,7 @@ import warnings
 import pytest
 from typer.testing import CliRunner
 
+from thrifty.agents.planner import WARMUP_DECISIONS
 from thrifty.bench import SHIPPED_PLANNER, Job, ResultsFile, get_suite, run_jobs
 from thrifty.bench.suites import PRUNING_TECHNIQUES, BenchConfig, Suite, episode_fn
 from thrifty.cli import app
@@ -63,6 +64,7 @@ def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_d
     assert [x["config"] for x in lines[1:]] == configs and all(x["level"] == "GoToLocal" for x in lines[1:])
     assert out.with_suffix(".png").stat().st_size > 0
     assert "success" in r.output
+    assert all(x["warmup_decisions"] == WARMUP_DECISIONS for x in lines[1:]) and "warm-up left out" in r.output
     paired = json.loads(out.with_name("demo_paired.json").read_text())  # every config against full, same seed
     assert [x["config"] for x in paired] == configs[1:] and all(x["pairs"] == 1 for x in paired)
     # resuming runs nothing new

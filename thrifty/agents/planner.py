@@ -7,6 +7,7 @@ dict that the bench harness writes as one JSON line.
 
 from __future__ import annotations
 
+import copy
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from thrifty.backbones import HFDecoder
 from thrifty.cost import CostRecord, PeakRSS, Stopwatch, forward_flops, kv_bytes
 from thrifty.cost.bandwidth import episode_bandwidth
 from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv
+from thrifty.envs.seeds import train_seed
 from thrifty.runtime import Session
 from thrifty.techniques import DecisionContext, Full, Technique
 
@@ -26,6 +28,11 @@ DEFAULT_ACTION = "left"
 """What an unparseable planner output is replaced by: turning never changes the world, so it is always safe."""
 
 REPLAN_TRIGGERS = ("every_step", "on_change")
+
+WARMUP_DECISIONS = 3
+"""Untimed decisions `warm_up` makes before a process times its first one: the first calls of a process pay one-off
+costs (allocations, lazily faulted-in library code, a pruner's first load), up to ~1 s each on a cold or busy
+machine against ~20 ms warm."""
 
 
 def parse_action(text: str) -> str | None:
@@ -198,3 +205,24 @@ def run_episode(planner: TextPlanner, level: str, seed: int, config: EpisodeConf
             "wall_s": [round(r.wall_s, 6) for r in records],
         },
     }
+
+
+def warm_up(planner: TextPlanner, level: str, decisions: int = WARMUP_DECISIONS) -> int:
+    """Make `decisions` untimed decisions (the first steps of episodes of `level` on training seeds) through the
+    planner's backbone with a copy of its technique, so that the next, timed decisions of this process pay no
+    one-off cost while the technique's own state (kept session, prefix store) stays untouched. Returns the
+    decisions made. Call it before the first timed episode; the bench does, once per configuration and process,
+    and says so under its table."""
+    if decisions <= 0:
+        return 0
+    for part in getattr(planner.technique, "parts", (planner.technique,)):
+        if hasattr(part, "bind"):  # load and check a pruner now, not inside the first timed decision
+            part.bind(planner.backbone)
+    twin = TextPlanner(planner.backbone, planner.tokenizer, copy.deepcopy(planner.technique),
+                       planner.max_new_tokens)
+    made = 0
+    for i in range(decisions):  # an episode may end sooner: go on with the next training seed
+        made += run_episode(twin, level, train_seed(i), EpisodeConfig(max_steps=decisions - made))["decisions"]
+        if made >= decisions:
+            break
+    return made

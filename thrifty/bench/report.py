@@ -14,6 +14,7 @@ __all__ = [
     "wilson_interval",
     "summarize",
     "print_table",
+    "latency_note",
     "pareto_plot",
     "pareto_figure",
     "pareto_front",
@@ -165,8 +166,24 @@ def _fmt_success(row: Mapping[str, Any]) -> str:
     return f"{s:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: str = "thrifty benchmark"):
-    """Print the rows as a rich table (to ``console``; default stdout, 160 columns when not a terminal).
+def latency_note(episodes: Iterable[Mapping[str, Any]]) -> str:
+    """The footnote saying what the latency column measures, and whether one-off warm-up costs are left out
+    (episodes record `warmup_decisions`: untimed decisions their planner made in its process beforehand)."""
+    warm = [_num(e, "warmup_decisions") or 0 for e in episodes]
+    note = "latency p50: median of the episodes' median decision wall times"
+    if not warm:
+        return note
+    cold = sum(1 for w in warm if w <= 0)
+    if cold == 0:
+        return f"{note}; warm-up left out ({int(min(warm))} untimed decisions per configuration and process first)"
+    return (f"{note}; {cold} of {len(warm)} episodes ran without a warm-up (older results): theirs include one-off "
+            "first-call costs")
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: str = "thrifty benchmark",
+                caption: str | None = None):
+    """Print the rows as a rich table (to ``console``; default stdout, 160 columns when not a terminal), with
+    `caption` (e.g. `latency_note`) under it.
 
     Returns the :class:`rich.table.Table`.
     """
@@ -179,7 +196,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: s
         if not console.is_terminal:
             console = Console(width=160)
     show_level = any(r.get("level") != "all" for r in rows)
-    table = Table(title=title, box=box.SIMPLE_HEAVY)
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAVY)
     table.add_column("config", style="bold")
     if show_level:
         table.add_column("level")

@@ -174,26 +174,30 @@ def check_levels(levels: list[str] | None) -> tuple[str, ...] | None:
 _PLANNERS: dict[tuple, Any] = {}
 
 
-def _planner_for(model_dir: str, config: dict):
-    from thrifty.agents.planner import TextPlanner
+def _planner_for(model_dir: str, config: dict, level: str):
+    """The planner of `config` in this process (loaded once) and the untimed warm-up decisions it made first."""
+    from thrifty.agents.planner import TextPlanner, warm_up
     from thrifty.techniques import build
 
     key = (model_dir, config["technique"], json.dumps(config["settings"], sort_keys=True))
     if key not in _PLANNERS:
         technique = build(config["technique"], **config["settings"])
-        _PLANNERS[key] = TextPlanner.load(model_dir, technique=technique)
+        planner = TextPlanner.load(model_dir, technique=technique)
+        _PLANNERS[key] = planner, warm_up(planner, level)
     return _PLANNERS[key]
 
 
 def run_job(job: Job, configs: dict[str, dict], model_dir: str, threads: int, max_steps: int | None = None) -> dict:
-    """Play the episode `job` names with its configuration; returns the result dict."""
+    """Play the episode `job` names with its configuration; returns the result dict. `warmup_decisions` says how
+    many untimed decisions this configuration's planner made in this process before its first episode."""
     from thrifty.agents.planner import EpisodeConfig, run_episode
 
     torch.set_num_threads(threads)
     config = configs[job.config]
-    planner = _planner_for(model_dir, config)
+    planner, warmup = _planner_for(model_dir, config, job.level)
     result = run_episode(planner, job.level, job.seed, EpisodeConfig(replan=config["replan"], max_steps=max_steps))
     result["threads"] = threads
+    result["warmup_decisions"] = warmup
     return result
 
 

@@ -37,6 +37,7 @@ def bench(
     from thrifty.bench import (SHIPPED_PLANNER, ResultsFile, ResultsMismatchError, UnknownSuiteError, episode_fn,
                                get_suite, pareto_plot, print_table, run_jobs, summarize, write_summary_json)
     from thrifty.bench.paired import paired_rows, print_paired
+    from thrifty.bench.report import latency_note
     from thrifty.bench.suites import check_configs, check_levels, with_pruner
     from thrifty.techniques.token_pruning import PrunerMismatchError
     from thrifty.envs import UnknownLevelError
@@ -97,10 +98,11 @@ def bench(
     console.print(f"[bold]{suite}[/]: {spec.description}; {len(jobs)} episodes -> {out}")
     records = run_jobs(jobs, fn, results, use_ray=ray, ray_address=ray_address)
     rows = summarize(records, by_level=by_level)
-    print_table(rows, console=console, title=f"thrifty bench {suite}")
+    note = latency_note(records)
+    print_table(rows, console=console, title=f"thrifty bench {suite}", caption=note)
     overall = summarize(records, by_level=False)
     if by_level:
-        print_table(overall, console=console, title=f"thrifty bench {suite}: all levels")
+        print_table(overall, console=console, title=f"thrifty bench {suite}: all levels", caption=note)
     paired = paired_rows(records)  # each config against `full` on the same (level, seed) episodes
     print_paired(paired, console, f"thrifty bench {suite}: paired with full (same levels and seeds)")
     plot = pareto_plot(rows + overall if by_level else overall, out.with_suffix(".png"),  # a panel per level, and all
