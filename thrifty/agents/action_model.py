@@ -192,15 +192,20 @@ class ActionModelPolicy:
     `target_returns[task]` is the return the model is conditioned on at the first step (from the card: the best
     training return of that task); R_t then decreases by each reward received."""
 
-    def __init__(self, model: ActionModel, card: dict | None = None, act_dim: int = 4) -> None:
+    def __init__(self, model: ActionModel, card: dict | None = None, act_dim: int = 4,
+                 window: int | None = None) -> None:
         self.model, self.card, self.act_dim = model.eval(), card or {}, act_dim
-        self.name = f"lram-{model.cfg.arch}"
+        if window is not None and (model.cfg.arch != "dt" or window < 1):
+            raise ValueError(f"a window (>= 1 step) applies to the transformer's KV cache only, not to "
+                             f"{model.cfg.arch!r} (got {window})")
+        self.window = window if window is not None else model.cfg.window
+        self.name = f"lram-{model.cfg.arch}" + (f"-window{self.window}" if self.window else "")
         self.target_returns = self.card.get("target_returns", {})
         self._per_token = None
 
     @classmethod
-    def load(cls, path: str | Path, arch: str | None = None) -> "ActionModelPolicy":
-        return cls(*load_action_model(path, arch))
+    def load(cls, path: str | Path, arch: str | None = None, window: int | None = None) -> "ActionModelPolicy":
+        return cls(*load_action_model(path, arch), window=window)
 
     def reset(self, task: str, instruction: str) -> None:
         if self.target_returns and task not in self.target_returns:
@@ -235,7 +240,7 @@ class ActionModelPolicy:
                                              tokens_in=n, tokens_context=self.tokens_seen))
 
     def _context(self, i: int) -> int:
-        return min(self.tokens_seen - i, TOKENS_PER_STEP * (self.model.cfg.window or 10**12))
+        return min(self.tokens_seen - i, TOKENS_PER_STEP * (self.window or 10**12))
 
     def _feed(self, x: torch.Tensor) -> torch.Tensor:
         """Feed tokens x (1, n, d) after what was seen; returns their outputs (1, n, d)."""
@@ -256,8 +261,8 @@ class ActionModelPolicy:
         self._next_pos += x.shape[1]
         out = m.backbone(inputs_embeds=x, position_ids=pos, use_cache=True, **{m._cache_arg: self.state})
         self.state = getattr(out, "cache", None) or out.past_key_values
-        if m.cfg.window is not None:
-            self._slide(TOKENS_PER_STEP * m.cfg.window)
+        if self.window is not None:
+            self._slide(TOKENS_PER_STEP * self.window)
         return out.last_hidden_state
 
     def _slide(self, keep: int) -> None:

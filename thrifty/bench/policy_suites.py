@@ -44,7 +44,15 @@ def _bc_mlp(settings: dict):
     return MLPPolicy.load(settings.get("path") or SHIPPED_BC_POLICY)
 
 
-POLICIES: dict[str, Callable[[dict], Any]] = {"expert": _expert, "bc-mlp": _bc_mlp}
+def _action_model(settings: dict):
+    from thrifty.agents.action_model import ActionModelPolicy
+
+    arch = settings["arch"]
+    return ActionModelPolicy.load(settings.get("path") or ASSETS / f"action_model_{arch}", arch=arch,
+                                  window=settings.get("window"))
+
+
+POLICIES: dict[str, Callable[[dict], Any]] = {"expert": _expert, "bc-mlp": _bc_mlp, "action-model": _action_model}
 """Policy builders by name: settings dict -> an object with the policy protocol (thrifty.agents.policy)."""
 
 
@@ -80,6 +88,12 @@ _BC = PolicyConfig("bc-mlp", "bc-mlp")
 POLICY_SUITES: dict[str, PolicySuite] = {
     "metaworld": PolicySuite("metaworld", "Meta-World MT10: the scripted expert and the shipped BC MLP policy on "
                              "evaluation layouts", (_EXPERT, _BC), _mt10(), episodes=30),
+    "lram": PolicySuite("lram", "LRAM's action models on Meta-World MT10: xLSTM and Mamba stepping with a fixed-size "
+                        "state, against a Decision Transformer over the whole history and over a 50-step window",
+                        (_EXPERT, *(PolicyConfig(f"lram-{a}", "action-model", {"arch": a}) for a in ("xlstm", "mamba")),
+                         PolicyConfig("lram-dt", "action-model", {"arch": "dt"}),
+                         PolicyConfig("lram-dt-window50", "action-model", {"arch": "dt", "window": 50})),
+                        _mt10(), episodes=30),
     # metaworld-demo: what `make demo` adds, a few seconds: one policy row beside the planner's
     "metaworld-demo": PolicySuite("metaworld-demo", "the shipped BC MLP policy and the expert on three MT10 tasks",
                                   (_EXPERT, _BC), ("reach-v3", "drawer-close-v3", "button-press-topdown-v3"),

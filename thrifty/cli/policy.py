@@ -83,11 +83,13 @@ def bench_policy_suite(suite: str, out: Optional[Path], episodes: Optional[int],
                        policy: Optional[Path], threads: Optional[int], max_steps: Optional[int], ray: bool,
                        ray_address: Optional[str], write_card: bool) -> None:
     """`thrifty bench SUITE` for a policy suite: one JSON line per episode, tables per task and overall, a plot."""
-    from thrifty.agents.mlp_policy import PolicyLoadError, load_policy_net
+    from thrifty.agents.action_model import ActionModelLoadError
+    from thrifty.agents.mlp_policy import PolicyLoadError
     from thrifty.bench import ResultsFile, ResultsMismatchError, run_jobs, write_summary_json
     from thrifty.bench.paired import paired_rows, print_paired
     from thrifty.bench.policy_report import policy_plot, print_policy_table, summarize_policy
-    from thrifty.bench.policy_suites import POLICY_SUITES, SHIPPED_BC_POLICY, policy_episode_fn, with_policy_path
+    from thrifty.bench.policy_suites import (POLICY_SUITES, SHIPPED_BC_POLICY, build_policy, policy_episode_fn,
+                                             with_policy_path)
     from thrifty.envs.metaworld import UnknownTaskError, resolve_tasks
 
     spec = with_policy_path(POLICY_SUITES[suite], policy)
@@ -96,10 +98,11 @@ def bench_policy_suite(suite: str, out: Optional[Path], episodes: Optional[int],
     except UnknownTaskError as e:
         fail(str(e))
     path = policy or SHIPPED_BC_POLICY
-    try:
-        load_policy_net(path)
-    except PolicyLoadError as e:
-        fail(f"{e}" + ("" if policy else " (rebuild it with the command in the README)"))
+    for c in spec.configs:  # build every policy once before any episode, so a bad checkpoint fails at once
+        try:
+            build_policy(c.as_dict())
+        except (PolicyLoadError, ActionModelLoadError, ValueError) as e:
+            fail(f"{c.name}: {e}" + ("" if policy else " (rebuild it with the command in the README)"))
     out = out or Path("results") / f"{suite}.jsonl"
     jobs = spec.jobs(episodes, chosen)
     fn = policy_episode_fn(spec, threads=threads if threads else (1 if ray else None), max_steps=max_steps)
@@ -160,3 +163,50 @@ def train_action_model_cmd(
     except (DemoDirError, ValueError) as e:
         fail(str(e))
     console.print(f"action model written to {path}")
+
+
+@app.command("profile-action-models")
+def profile_action_models_cmd(
+    models: Optional[Path] = typer.Option(None, help="directory holding action_model_xlstm, _mamba, _dt (default: "
+                                         "the shipped ones); an untrained model of the recipe's size when absent"),
+    contexts: str = typer.Option("50,200,1000,4000,8000,16000,32000", help="context lengths in environment steps"),
+    batches: str = typer.Option("1", help="batch sizes, e.g. 1,8,64 (LRAM's emulated batched inference)"),
+    arch: Optional[list[str]] = typer.Option(None, help="architectures (default xlstm, mamba, dt, dt-window50)"),
+    repeats: int = typer.Option(7, min=1),
+    time_limit: float = typer.Option(0.5, help="stop an arm once a step takes longer (seconds)"),
+    memory_limit_mb: float = typer.Option(2048.0, help="stop an arm once its state/KV is larger (MiB)"),
+    threads: int = typer.Option(1, min=1),
+    out: Path = typer.Option(Path("results/action_models_profile.json"), help="rows (JSON); the plot beside it"),
+) -> None:
+    """Per-step latency and state/KV memory of xLSTM, Mamba and the DT against context length and batch size."""
+    import torch
+
+    from thrifty.agents.action_model import ActionModel, ActionModelConfig, ActionModelLoadError, load_action_model
+    from thrifty.bench import write_summary_json
+    from thrifty.bench.action_profile import ProfileLimits, profile_arm, profile_plot
+    from thrifty.bench.policy_suites import ASSETS
+    from thrifty.cli._app import comma_list
+
+    torch.set_num_threads(threads)
+    arms = arch or ["xlstm", "mamba", "dt", "dt-window50"]
+    rows = []
+    for name in arms:
+        base, _, window = name.partition("-window")
+        if base not in ("xlstm", "mamba", "dt") or (window and base != "dt"):
+            fail(f"unknown arm {name!r}: use xlstm, mamba, dt or dt-windowN")
+        path = (models or ASSETS) / f"action_model_{base}"
+        try:
+            model = load_action_model(path, arch=base)[0] if path.exists() else ActionModel(ActionModelConfig(base))
+        except ActionModelLoadError as e:
+            fail(str(e))
+        for b in comma_list(batches, int, "--batches"):
+            def show(r):
+                console.print(f"{r['arch']:>14} batch {r['batch']:>3} context {r['context_steps']:>6}: "
+                              f"{r['latency_median_s'] * 1e3:8.2f} ms/step, {r['state_bytes'] / 2**20:8.2f} MiB"
+                              + (f"  stopped: {r['stopped']}" if r["stopped"] else ""))
+            rows += profile_arm(model.eval(), list(comma_list(contexts, int, "--contexts")), batch=b,
+                                window=int(window) if window else None, repeats=repeats,
+                                limits=ProfileLimits(time_limit, memory_limit_mb), progress=show)
+            write_summary_json(rows, out)
+    plot = profile_plot(rows, out.with_suffix(".png"))
+    console.print(f"rows: {out}\nplot: {plot}")

@@ -1,0 +1,143 @@
+"""`thrifty profile-action-models`: per-step latency and memory of LRAM's action models against context length.
+
+For each architecture and context length L (environment steps already seen), the model first reads L steps of
+history (random states and rewards: the cost of a step does not depend on the values), then `repeats` further
+steps are timed (the first `warmup` discarded, the median kept). Recurrent models read the history step by step
+(their state is all they keep); the transformer reads it in chunks through its KV cache (the whole history, or
+the last `window` steps). An arm stops growing L once a step exceeds `time_limit_s` or its state/KV exceeds
+`memory_limit_mb`, and the table says so. Batch size B emulates LRAM's batched inference (B rows stepped at once).
+Rows: arch, batch, context_steps, latency_median_s, flops_per_step (analytic, backbone matmuls + attention),
+state_bytes (recurrent state or KV cache), prefill_s (time to read the history), stopped (a reason, or None).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from thrifty.agents.action_model import TOKENS_PER_STEP, ActionModel
+from thrifty.backbones.recurrent import state_bytes
+
+
+@dataclass
+class ProfileLimits:
+    time_limit_s: float = 0.5
+    """an arm stops at the first context whose median step takes longer than this"""
+    memory_limit_mb: float = 2048.0
+    """... or whose state/KV cache is larger than this"""
+    prefill_limit_s: float = 300.0
+    """... or whose history took longer than this to read"""
+
+
+class _Stepper:
+    """Feeds tokens (B, n, d) to a model after what it has seen; keeps the state or KV cache."""
+
+    def __init__(self, model: ActionModel, window: int | None) -> None:
+        self.m, self.window, self.state, self.pos = model, window, None, 0
+        if model.cfg.arch == "dt":
+            from transformers import DynamicCache
+
+            self.state = DynamicCache()
+
+    def feed(self, x: torch.Tensor, chunk: int = 1) -> torch.Tensor:
+        m = self.m
+        if m.cfg.arch != "dt":
+            for i in range(x.shape[1]):
+                y, self.state = m.backbone.step(x[:, i:i + 1], self.state)
+            return y
+        for start in range(0, x.shape[1], chunk):
+            part = x[:, start:start + chunk]
+            pos = torch.arange(self.pos, self.pos + part.shape[1]).expand(x.shape[0], -1)
+            self.pos += part.shape[1]
+            out = m.backbone(inputs_embeds=part, position_ids=pos, use_cache=True, **{m._cache_arg: self.state})
+            self.state = getattr(out, "cache", None) or out.past_key_values
+            if self.window:
+                keep = TOKENS_PER_STEP * self.window
+                for layer in self.state.layers:
+                    if layer.keys.shape[-2] > keep:
+                        layer.keys, layer.values = layer.keys[..., -keep:, :], layer.values[..., -keep:, :]
+        return out.last_hidden_state
+
+    def kv_tokens(self) -> int:
+        if self.m.cfg.arch != "dt":
+            return 0
+        return int(self.state.layers[0].keys.shape[-2]) if self.state.layers else 0
+
+
+@torch.inference_mode()
+def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window: int | None = None,
+                repeats: int = 7, warmup: int = 2, limits: ProfileLimits | None = None, progress=None) -> list[dict]:
+    """Rows for one architecture and batch size over increasing context lengths (in environment steps)."""
+    limits = limits or ProfileLimits()
+    d = model.cfg.d_model
+    stepper, seen, rows = _Stepper(model, window), 0, []
+    g = torch.Generator().manual_seed(0)
+    for L in sorted(contexts):
+        history = torch.randn(batch, TOKENS_PER_STEP * (L - seen), d, generator=g)
+        t0 = time.perf_counter()
+        if history.shape[1]:
+            stepper.feed(history, chunk=1024)
+        prefill = time.perf_counter() - t0
+        seen = L
+        times = []
+        for r in range(warmup + repeats):
+            x = torch.randn(batch, TOKENS_PER_STEP, d, generator=g)
+            kv_before = stepper.kv_tokens()
+            t0 = time.perf_counter()
+            stepper.feed(x, chunk=TOKENS_PER_STEP)
+            times.append(time.perf_counter() - t0)
+        latency = statistics.median(times[warmup:])
+        flops = batch * sum(model.flops_per_token(kv_before + i + 1) for i in range(TOKENS_PER_STEP))
+        nbytes = state_bytes(stepper.state)
+        stopped = None
+        if latency > limits.time_limit_s:
+            stopped = f"step {latency:.2f} s > {limits.time_limit_s} s"
+        elif nbytes / 2**20 > limits.memory_limit_mb:
+            stopped = f"state {nbytes / 2**20:.0f} MB > {limits.memory_limit_mb:.0f} MB"
+        elif prefill > limits.prefill_limit_s:
+            stopped = f"history read in {prefill:.0f} s > {limits.prefill_limit_s:.0f} s"
+        rows.append({"arch": model.cfg.arch + (f"-window{window}" if window else ""), "batch": batch,
+                     "context_steps": L, "latency_median_s": latency, "flops_per_step": flops,
+                     "state_bytes": nbytes, "prefill_s": prefill, "stopped": stopped,
+                     "threads": torch.get_num_threads()})
+        if progress:
+            progress(rows[-1])
+        if stopped:
+            break
+        seen = L + warmup + repeats  # the context the next length starts from
+    return rows
+
+
+def profile_plot(rows: list[dict], path, title: str = "thrifty profile-action-models"):
+    """Per-step latency and state/KV bytes against context length (log-log), one line per arch and batch."""
+    from pathlib import Path
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax_t, ax_m = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    arms = list(dict.fromkeys((r["arch"], r["batch"]) for r in rows))
+    for i, (arch, batch) in enumerate(arms):
+        pts = [r for r in rows if (r["arch"], r["batch"]) == (arch, batch)]
+        xs = [r["context_steps"] for r in pts]
+        label = f"{arch}, batch {batch}" + (" (stopped)" if pts[-1]["stopped"] else "")
+        ax_t.plot(xs, [r["latency_median_s"] * 1e3 for r in pts], marker="o", color=f"C{i % 10}", label=label)
+        ax_m.plot(xs, [max(r["state_bytes"], 1) / 2**20 for r in pts], marker="o", color=f"C{i % 10}", label=label)
+    for ax, name in ((ax_t, "latency per step (ms, median)"), (ax_m, "state / KV cache (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("context (environment steps already seen)")
+        ax.set_ylabel(name)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_m.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
