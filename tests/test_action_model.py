@@ -96,3 +96,20 @@ def test_bad_inputs(tmp_path):
     policy = ActionModelPolicy.load(path)
     with pytest.raises(ValueError, match="not on 'push-v3'"):
         policy.reset("push-v3", "")
+
+
+def test_profile_rows_show_constant_recurrent_state_and_growing_kv():
+    from thrifty.bench.action_profile import ProfileLimits, profile_arm
+
+    rows = {a: profile_arm(_model(a.split("-")[0]), [4, 20, 40], repeats=1, warmup=0,
+                           window=2 if a.endswith("window") else None, limits=ProfileLimits(time_limit_s=60))
+            for a in ("xlstm", "mamba", "dt", "dt-window")}
+    for arch in ("xlstm", "mamba"):
+        assert len({r["state_bytes"] for r in rows[arch]}) == 1
+        assert len({r["flops_per_step"] for r in rows[arch]}) == 1  # constant work per step
+    kv = [r["state_bytes"] for r in rows["dt"]]
+    assert kv[0] < kv[1] < kv[2]  # the whole history: KV grows with the context
+    assert len({r["state_bytes"] for r in rows["dt-window"]}) == 1  # a window: it does not
+    assert rows["dt"][2]["flops_per_step"] > rows["dt"][0]["flops_per_step"]
+    stopped = profile_arm(_model("dt"), [4, 20], repeats=1, warmup=0, limits=ProfileLimits(memory_limit_mb=1e-6))
+    assert len(stopped) == 1 and "MB >" in stopped[0]["stopped"]
