@@ -101,14 +101,23 @@ POLICY_SUITES: dict[str, PolicySuite] = {
 }
 
 
-def with_policy_path(suite: PolicySuite, path: str | Path | None, policy: str = "bc-mlp") -> PolicySuite:
-    """The suite with `path` given to every config of `policy` (unchanged when None)."""
+def with_policy_path(suite: PolicySuite, path: str | Path | None) -> PolicySuite:
+    """The suite with its policies read from `path` (unchanged when None): a BC policy directory for `bc-mlp`
+    configs, and for `action-model` configs a directory holding `action_model_<arch>` (what `thrifty train
+    action-model` writes under runs/action_models by default)."""
     if path is None:
         return suite
-    configs = tuple(PolicyConfig(c.name, c.policy, {**c.settings, "path": str(path)}) if c.policy == policy else c
-                    for c in suite.configs)
-    return PolicySuite(suite.name, suite.description, configs, suite.tasks, suite.episodes, suite.max_steps,
-                       suite.reference)
+
+    def moved(c: PolicyConfig) -> PolicyConfig:
+        if c.policy == "bc-mlp":
+            return PolicyConfig(c.name, c.policy, {**c.settings, "path": str(path)})
+        if c.policy == "action-model":
+            return PolicyConfig(c.name, c.policy, {**c.settings,
+                                                   "path": str(Path(path) / f"action_model_{c.settings['arch']}")})
+        return c
+
+    return PolicySuite(suite.name, suite.description, tuple(moved(c) for c in suite.configs), suite.tasks,
+                       suite.episodes, suite.max_steps, suite.reference)
 
 
 def build_policy(config: dict):

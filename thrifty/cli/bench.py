@@ -29,8 +29,10 @@ def bench(
     by_level: bool = typer.Option(True, help="one table row per configuration and level"),
     write_card: bool = typer.Option(False, help="write the per-level success into the model's card.json "
                                                 "(how the shipped planner's card gets its figures)"),
-    policy: Optional[Path] = typer.Option(None, help="policy suites: BC policy directory (default: the shipped one)"),
+    policy: Optional[Path] = typer.Option(None, help="policy suites: BC policy directory, or for lram a directory "
+                                                     "holding action_model_ARCH (default: the shipped ones)"),
     task: Optional[list[str]] = typer.Option(None, help="policy suites: restrict to these tasks or task sets"),
+    config: Optional[list[str]] = typer.Option(None, help="policy suites: run only these configurations (repeatable)"),
 ) -> None:
     """Run SUITE, append one JSON line per episode (resumable), print the table and write the Pareto plot."""
     from thrifty.backbones import ModelLoadError
@@ -51,9 +53,9 @@ def bench(
         from thrifty.cli.policy import bench_policy_suite
 
         return bench_policy_suite(suite, out, episodes, task, policy, threads, max_steps, ray, ray_address,
-                                  write_card)
-    if policy or task:
-        fail(f"--policy and --task are for the policy suites ({', '.join(POLICY_SUITES)}), not {suite!r}")
+                                  write_card, configs=config)
+    if policy or task or config:
+        fail(f"--policy, --task and --config are for the policy suites ({', '.join(POLICY_SUITES)}), not {suite!r}")
     if suite == "coop":  # K robots over a shared context: its own runner (`thrifty bench-coop` has every option)
         if level or ray or max_steps or write_card:
             fail("`thrifty bench coop` takes --out, --episodes, --model, --pruner and --threads; use "

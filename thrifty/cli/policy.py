@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def train_policy_cmd(
 
 def bench_policy_suite(suite: str, out: Optional[Path], episodes: Optional[int], tasks: Optional[list[str]],
                        policy: Optional[Path], threads: Optional[int], max_steps: Optional[int], ray: bool,
-                       ray_address: Optional[str], write_card: bool) -> None:
+                       ray_address: Optional[str], write_card: bool, configs: Optional[list[str]] = None) -> None:
     """`thrifty bench SUITE` for a policy suite: one JSON line per episode, tables per task and overall, a plot."""
     from thrifty.agents.action_model import ActionModelLoadError
     from thrifty.agents.mlp_policy import PolicyLoadError
@@ -93,6 +94,11 @@ def bench_policy_suite(suite: str, out: Optional[Path], episodes: Optional[int],
     from thrifty.envs.metaworld import UnknownTaskError, resolve_tasks
 
     spec = with_policy_path(POLICY_SUITES[suite], policy)
+    if configs:
+        unknown = [c for c in configs if c not in {x.name for x in spec.configs}]
+        if unknown:
+            fail(f"suite {suite} has no configuration {unknown}; it has {', '.join(c.name for c in spec.configs)}")
+        spec = dataclasses.replace(spec, configs=tuple(c for c in spec.configs if c.name in configs))
     try:
         chosen = resolve_tasks(tasks) if tasks else None
     except UnknownTaskError as e:
@@ -139,7 +145,8 @@ def bench_policy_suite(suite: str, out: Optional[Path], episodes: Optional[int],
 def train_action_model_cmd(
     arch: str = typer.Option(..., help="xlstm, mamba or dt (a Llama Decision Transformer)"),
     data: Path = typer.Option(..., help="demonstration directory (`thrifty collect metaworld`)"),
-    out: Optional[Path] = typer.Option(None, help="model directory (default: runs/action_model_ARCH/export)"),
+    out: Optional[Path] = typer.Option(None, help="model directory (default: runs/action_models/action_model_ARCH, "
+                                       "what `thrifty bench lram --policy runs/action_models` reads)"),
     run_dir: Optional[Path] = typer.Option(None, help="resumable checkpoint (default: runs/action_model_ARCH)"),
     steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps (default: the recipe's)"),
     d_model: Optional[int] = typer.Option(None, min=8, help="model width (default: the recipe's)"),
@@ -158,7 +165,7 @@ def train_action_model_cmd(
                 setattr(recipe, name, value)
         recipe.model_config()
         run = run_dir or Path(f"runs/action_model_{arch}")
-        path = train_action_model(recipe, data, out or run / "export", run,
+        path = train_action_model(recipe, data, out or Path("runs/action_models") / f"action_model_{arch}", run,
                                   command="thrifty " + " ".join(sys.argv[1:]))
     except (DemoDirError, ValueError) as e:
         fail(str(e))
