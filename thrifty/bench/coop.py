@@ -51,7 +51,7 @@ the tokens that keep it a decision the parser accepts given the team's reports (
 `CoopPlanner(constrained=True)`)."""
 EPISODES = 4
 """Default episodes per (configuration, K). With `--max-kept` that is 12 configurations x 3 team sizes x 4 = 144
-episodes; the README's 8-episode run (288, constrained decoding) took 12 min on one core with the shipped planner."""
+episodes; docs/coop.md's 8-episode run (288, constrained decoding) took 12 min on one core with the shipped planner."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_BC_POLICY = ASSETS / "bc_policy"
 """The behaviour-cloned MLP policy on Meta-World MT10 (`thrifty train policy`, see its card)."""
 POLICY_MAX_STEPS = 200
-"""Step cap of the policy suites: the MT10 experts need at most ~150 steps on evaluation layouts (README)."""
+"""Step cap of the policy suites: the MT10 experts need at most ~150 steps on evaluation layouts (docs/policies.md)."""
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ SUITES: dict[str, Suite] = {
     # memory: the level where old context decides the outcome (the cue, one hallway before the junction), with
     # the planner and pruner trained for it; the BabyAI levels above need little beyond the newest observations.
     # Prune layers 0, 1, 2 (not the depth default 1, 2, 3): layers 0-1 see the whole context and this planner
-    # carries the cue forward there, so pruning from layer 1 on loses nothing whatever it keeps (README).
+    # carries the cue forward there, so pruning from layer 1 on loses nothing whatever it keeps (docs/pruning_results.md).
     "memory": Suite("memory", "learned token pruning against random, recency and sink+window pruning at the same "
                     "token counts on MemoryRecallS13, whose junction decision needs the oldest observation",
                     (BenchConfig("full"),

@@ -75,7 +75,7 @@ def bench(
         from thrifty.backbones import HFDecoder
         HFDecoder.check_dir(model_dir)
     except ModelLoadError as e:
-        hint = " (rebuild it with the command in the README)" if model is None else ""
+        hint = " (rebuild it with the command its guide in docs/ gives)" if model is None else ""
         fail(f"{e}{hint}")
     if pruner is not None or any("token_pruning" in json.dumps(c.as_dict()) for c in spec.configs):
         spec = dataclasses.replace(spec, configs=with_pruner(spec.configs, str(pruner) if pruner else None))

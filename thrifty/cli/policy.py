@@ -108,7 +108,7 @@ def bench_policy_suite(suite: str, out: Optional[Path], episodes: Optional[int],
         try:
             build_policy(c.as_dict())
         except (PolicyLoadError, ActionModelLoadError, ValueError) as e:
-            fail(f"{c.name}: {e}" + ("" if policy else " (rebuild it with the command in the README)"))
+            fail(f"{c.name}: {e}" + ("" if policy else " (rebuild it with the command its guide in docs/ gives)"))
     out = out or Path("results") / f"{suite}.jsonl"
     jobs = spec.jobs(episodes, chosen)
     fn = policy_episode_fn(spec, threads=threads if threads else (1 if ray else None), max_steps=max_steps)

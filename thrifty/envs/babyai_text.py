@@ -62,7 +62,7 @@ class _MemoryRecallEnv(MemoryEnv):
     the key to the north and the ball to the south. So the cue is named in the first observation ("green key 1
     left") and never again, and the turn at the junction, a whole hallway later, is a function of the cue alone
     (key: left, ball: right). In `MemoryEnv` the turn is the cue's type XOR the random placement, which a 2.5M
-    planner trained by behaviour cloning did not learn (p(left) stayed constant; README). Walls, cue and success
+    planner trained by behaviour cloning did not learn (p(left) stayed constant; docs/babyai.md). Walls, cue and success
     rule are `MemoryEnv`'s for the same seed."""
 
     def _gen_grid(self, width, height):

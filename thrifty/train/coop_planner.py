@@ -92,7 +92,7 @@ class CoopPlannerRecipe:
     """phase 3: DAgger rounds (`thrifty.train.coop_dagger`): the planner plays fresh training seeds, the expert
     labels its calls; each round then trains `dagger_steps` on the whole sequences + the DAgger rows. Two rounds
     gave the best rollouts on training seeds (round-2 rollouts: 0.94 / 1.0 / 0.94 at K = 2 / 4 / 8); a third
-    round fell to 0.2 at K = 8 on the evaluation seeds (README, "The shipped coop planner")"""
+    round fell to 0.2 at K = 8 on the evaluation seeds (docs/coop.md)"""
     dagger_episodes_per_size: int = 16
     dagger_steps: int = 250
     dagger_lr: float = 5e-4

@@ -62,7 +62,7 @@ class PlannerRecipe:
     """padded tokens per phase-1 optimisation step"""
     tie_embeddings: bool = False
     """untied, and no weight decay on either embedding: tied, decayed ones collapsed the object-type words (mean
-    cosine 0.75) and the planner never bound the mission's object to the observation (README, issue 2)"""
+    cosine 0.75) and the planner never bound the mission's object to the observation (docs/babyai.md, issue 2)"""
     memory_repeat: int = 0
     """phase 2 adds every episode with memory steps (the Memory levels' junction) this many more times, labelled only
     at those steps, all but the first copy with a shortened cue-to-junction gap (`memory_rows`); 0 leaves the data
