@@ -69,10 +69,16 @@ class _Stepper:
 
 @torch.inference_mode()
 def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window: int | None = None,
-                repeats: int = 7, warmup: int = 2, limits: ProfileLimits | None = None, progress=None) -> list[dict]:
-    """Rows for one architecture and batch size over increasing context lengths (in environment steps)."""
+                repeats: int = 25, warmup: int = 5, limits: ProfileLimits | None = None, progress=None) -> list[dict]:
+    """Rows for one architecture and batch size over increasing context lengths (in environment steps).
+
+    Before the first context, 30 steps on a throwaway state warm the process up (first calls, allocator), so the
+    shortest context is not charged for them."""
     limits = limits or ProfileLimits()
     d = model.cfg.d_model
+    spare = _Stepper(model, window)
+    for _ in range(30 if warmup else 0):
+        spare.feed(torch.zeros(batch, TOKENS_PER_STEP, d), chunk=TOKENS_PER_STEP)
     stepper, seen, rows = _Stepper(model, window), 0, []
     g = torch.Generator().manual_seed(0)
     for L in sorted(contexts):

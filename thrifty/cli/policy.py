@@ -179,7 +179,7 @@ def profile_action_models_cmd(
     contexts: str = typer.Option("50,200,1000,4000,8000,16000,32000", help="context lengths in environment steps"),
     batches: str = typer.Option("1", help="batch sizes, e.g. 1,8,64 (LRAM's emulated batched inference)"),
     arch: Optional[list[str]] = typer.Option(None, help="architectures (default xlstm, mamba, dt, dt-window50)"),
-    repeats: int = typer.Option(7, min=1),
+    repeats: int = typer.Option(25, min=1, help="timed steps per context (median kept; 5 more warm-up ones)"),
     time_limit: float = typer.Option(0.5, help="stop an arm once a step takes longer (seconds)"),
     memory_limit_mb: float = typer.Option(2048.0, help="stop an arm once its state/KV is larger (MiB)"),
     threads: int = typer.Option(1, min=1),
