@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from thrifty.backbones.recurrent import BackendError, RecurrentConfig, build_recurrent, state_bytes
+from thrifty.backbones.recurrent import BackendError, RecurrentConfig, build_recurrent, selective_scan, state_bytes
 
 CONFIGS = {
     "xlstm-mlstm": RecurrentConfig("xlstm", d_model=32, layers=2, heads=4, context_length=24),
@@ -28,6 +28,39 @@ def test_step_by_step_equals_parallel_and_state_is_constant(name):
             sizes.append(state_bytes(state))
     assert (torch.cat(outs, 1) - parallel).abs().max().item() <= 1e-5
     assert sizes[0] > 0 and len(set(sizes)) == 1  # fixed-size state, whatever the context length
+
+
+@pytest.mark.parametrize("use_mambapy", [False, True])
+def test_selective_scan_equals_transformers_scan_with_gradients(use_mambapy):
+    """thrifty's step-wise scan against transformers' own torch scan (sequential and mambapy's parallel one)."""
+    from transformers.models.mamba.modeling_mamba import mamba_selective_scan
+
+    g = torch.Generator().manual_seed(0)
+    b, d, n, length = 2, 6, 4, 9
+    leaves = [torch.randn(b, d, length, generator=g), torch.randn(b, d, length, generator=g),
+              -torch.rand(d, n, generator=g) - 0.1, torch.randn(b, n, length, generator=g),
+              torch.randn(b, n, length, generator=g), torch.randn(d, generator=g),
+              torch.randn(b, d, length, generator=g), torch.randn(d, generator=g)]
+    results = []
+    for fn, extra in ((selective_scan, {}), (mamba_selective_scan, {"use_mambapy": use_mambapy})):
+        xs = [t.clone().requires_grad_() for t in leaves]
+        u, dt, A, B, C, D, z, bias = xs
+        y, last = fn(u, dt, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True, **extra)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), last.detach(), [t.grad for t in xs]))
+    (y1, h1, g1), (y2, h2, g2) = results
+    assert (y1 - y2).abs().max() <= 1e-5 and (h1 - h2).abs().max() <= 1e-5
+    assert all((a - c).abs().max() <= 1e-5 for a, c in zip(g1, g2))
+
+
+def test_mamba_parallel_forward_runs_through_thrifty_scan(monkeypatch):
+    import thrifty.backbones.recurrent as recurrent
+
+    calls = []
+    monkeypatch.setattr(recurrent, "selective_scan", lambda *a, **k: calls.append(1) or selective_scan(*a, **k))
+    model = build_recurrent(CONFIGS["mamba"])
+    model(torch.randn(1, 5, 32))
+    assert len(calls) == CONFIGS["mamba"].layers
 
 
 def test_mamba_state_bytes_match_a_hand_count():

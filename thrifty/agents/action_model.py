@@ -71,12 +71,25 @@ class ActionModelConfig:
     reward_scale: float = 200.0
     """rewards and returns are divided by this (LRAM's Meta-World scale)"""
     slstm_at: tuple[int, ...] = ()
+    dt_mlp_width: int | None = None
+    """DT: the MLP's hidden width; None sizes it so the DT backbone has as many parameters as the xLSTM backbone
+    of the same d_model and layers (LRAM compares the backbones at equal parameters)"""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown action-model architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 step (or None for the whole history), got {self.window}")
+
+
+def matched_mlp_width(cfg: ActionModelConfig) -> int:
+    """The Llama MLP width w that gives the DT backbone the xLSTM backbone's parameter count: a Llama layer holds
+    4 d^2 (attention) + 3 d w (gated MLP) + 2 d (norms), plus one final norm of d."""
+    xlstm = build_recurrent(RecurrentConfig("xlstm", d_model=cfg.d_model, layers=cfg.layers, heads=cfg.heads,
+                                            context_length=TOKENS_PER_STEP * cfg.context_steps))
+    target = sum(p.numel() for p in xlstm.parameters())
+    d = cfg.d_model
+    return max(1, round(((target - d) / cfg.layers - 4 * d * d - 2 * d) / (3 * d)))
 
 
 class ActionModel(nn.Module):
@@ -94,7 +107,8 @@ class ActionModel(nn.Module):
             from transformers import LlamaConfig, LlamaModel
 
             self.backbone = LlamaModel(LlamaConfig(
-                vocab_size=2, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=cfg.layers,
+                vocab_size=2, hidden_size=d, intermediate_size=cfg.dt_mlp_width or matched_mlp_width(cfg),
+                num_hidden_layers=cfg.layers,
                 num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                 max_position_embeddings=TOKENS_PER_STEP * cfg.context_steps, attn_implementation="eager",
                 bos_token_id=None, eos_token_id=None, pad_token_id=None))
