@@ -10,8 +10,14 @@ return-to-go and the reward (no action token). The action is predicted from the 
     outputs at the rtg tokens (B, T, d) -> Linear -> (B, T, A, bins) logits; cross-entropy against the bins
 
 Continuous actions in [-1, 1] are cut into `bins` uniform bins per dimension (`ActionTokenizer`; decoding returns
-the bin centre, so the round trip is within half a bin: LRAM's MinMaxTokenizer returns the lower edge). States are
-zero-padded to `max_state_dim` and actions to `max_act_dim`, so several domains share one model.
+the bin centre, so the round trip is within half a bin: LRAM's MinMaxTokenizer returns the lower edge).
+
+Several domains share one model (LRAM's multi-domain layout, `DOMAINS`): states are zero-padded to
+`max_state_dim`, actions to `max_act_dim`, rewards divided by the domain's scale, and the action vocabulary is
+one list of `discrete_actions` ids for discrete domains (BabyAI's 7 actions: ids 0..6, one dimension) followed by
+the `bins` ids of the continuous bins (Meta-World: discrete_actions + bin, per dimension). The cross-entropy runs
+over the whole vocabulary and only over the domain's action dimensions; decoding takes the argmax within the
+domain's part of it. Training takes one batch per domain per optimiser step (`thrifty.train.action_model`).
 
 Acting (`ActionModelPolicy`): xLSTM and Mamba step token by token with their fixed-size state, never truncated
 (LRAM's length extrapolation); the transformer appends each step's tokens to a KV cache, either over the whole
@@ -36,6 +42,26 @@ from thrifty.cost import CostRecord, Stopwatch
 KIND = "thrifty-action-model"
 ARCHS = ("xlstm", "mamba", "dt")
 TOKENS_PER_STEP = 3
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    state_dim: int
+    act_dim: int
+    discrete: int
+    """number of discrete actions (ids 0..discrete-1 of the vocabulary); 0 for continuous actions in [-1, 1]"""
+    reward_scale: float
+    """rewards and returns are divided by this (LRAM: Meta-World 200)"""
+
+
+DOMAINS = {"metaworld": Domain("metaworld", 39, 4, 0, 200.0), "babyai": Domain("babyai", 151, 1, 7, 1.0)}
+"""The action models' domains: Meta-World (39-D state, 4-D continuous actions) and BabyAI grid tasks
+(`thrifty.envs.babyai_grid`: 151-D state, one of 7 actions)."""
+
+
+def domain_of(task: str) -> str:
+    return "babyai" if task.startswith("babyai-") else "metaworld"
 
 
 class ActionTokenizer:
@@ -68,8 +94,10 @@ class ActionModelConfig:
     """training sequence length in environment steps (3 tokens each); the DT's positions are built for it"""
     window: int | None = None
     """DT acting: keep the last `window` steps in the KV cache (None: the whole history)"""
-    reward_scale: float = 200.0
-    """rewards and returns are divided by this (LRAM's Meta-World scale)"""
+    domains: tuple[str, ...] = ("metaworld",)
+    """the domains (names in DOMAINS) this model acts in"""
+    discrete_actions: int = 0
+    """ids reserved for discrete actions before the continuous bins (the largest discrete domain's count)"""
     slstm_at: tuple[int, ...] = ()
     dt_mlp_width: int | None = None
     """DT: the MLP's hidden width; None sizes it so the DT backbone has as many parameters as the xLSTM backbone
@@ -80,6 +108,28 @@ class ActionModelConfig:
             raise ValueError(f"unknown action-model architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 step (or None for the whole history), got {self.window}")
+        unknown = [d for d in self.domains if d not in DOMAINS]
+        if unknown or not self.domains:
+            raise ValueError(f"unknown domains {unknown or '(none)'}; domains: {', '.join(DOMAINS)}")
+        for d in (DOMAINS[n] for n in self.domains):
+            if d.state_dim > self.max_state_dim or d.act_dim > self.max_act_dim or d.discrete > self.discrete_actions:
+                raise ValueError(f"domain {d.name} needs max_state_dim >= {d.state_dim}, max_act_dim >= {d.act_dim} "
+                                 f"and discrete_actions >= {d.discrete}; got {self.max_state_dim}, "
+                                 f"{self.max_act_dim}, {self.discrete_actions}")
+
+    @property
+    def vocab(self) -> int:
+        return self.discrete_actions + self.bins
+
+    @staticmethod
+    def for_domains(arch: str, domains: tuple[str, ...], **kwargs) -> "ActionModelConfig":
+        """A config sized for `domains`: the largest state, action dimension and discrete action count."""
+        specs = [DOMAINS[d] if d in DOMAINS else None for d in domains]
+        if None in specs:
+            raise ValueError(f"unknown domains {[d for d in domains if d not in DOMAINS]}; domains: {', '.join(DOMAINS)}")
+        return ActionModelConfig(arch, max_state_dim=max(d.state_dim for d in specs),
+                                 max_act_dim=max(d.act_dim for d in specs),
+                                 discrete_actions=max(d.discrete for d in specs), domains=tuple(domains), **kwargs)
 
 
 def matched_mlp_width(cfg: ActionModelConfig) -> int:
@@ -101,7 +151,7 @@ class ActionModel(nn.Module):
         self.embed_rtg = nn.Linear(1, d)
         self.embed_reward = nn.Linear(1, d)
         self.embed_ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, cfg.max_act_dim * cfg.bins)
+        self.head = nn.Linear(d, cfg.max_act_dim * cfg.vocab)
         self.tokenizer = ActionTokenizer(cfg.bins)
         if cfg.arch == "dt":
             from transformers import LlamaConfig, LlamaModel
@@ -120,24 +170,45 @@ class ActionModel(nn.Module):
                 context_length=TOKENS_PER_STEP * cfg.context_steps))
 
     # ------------------------------------------------------------------ tokens
-    def tokens(self, state: torch.Tensor, rtg: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
+    def domain(self, name: str) -> Domain:
+        if name not in self.cfg.domains:
+            raise ValueError(f"this action model acts in {list(self.cfg.domains)}, not in {name!r}")
+        return DOMAINS[name]
+
+    def tokens(self, state: torch.Tensor, rtg: torch.Tensor, reward: torch.Tensor,
+               domain: str = "metaworld") -> torch.Tensor:
         """state (B, T, S<=max_state_dim), rtg (B, T), reward (B, T) -> tokens (B, 3T, d), order s, R, r per step."""
         b, t, s = state.shape
-        if s > self.cfg.max_state_dim:
-            raise ValueError(f"state of {s} dimensions, but the model takes at most {self.cfg.max_state_dim}")
+        if s != self.domain(domain).state_dim:
+            raise ValueError(f"a {domain} state has {self.domain(domain).state_dim} dimensions, got {s}")
         state = nn.functional.pad(state, (0, self.cfg.max_state_dim - s))
-        scale = self.cfg.reward_scale
+        scale = self.domain(domain).reward_scale
         toks = torch.stack([self.embed_state(state), self.embed_rtg(rtg.unsqueeze(-1) / scale),
                             self.embed_reward(reward.unsqueeze(-1) / scale)], dim=2)  # (B, T, 3, d)
         return self.embed_ln(toks.reshape(b, TOKENS_PER_STEP * t, -1))
 
     def logits(self, h_rtg: torch.Tensor) -> torch.Tensor:
-        """outputs at rtg tokens (..., d) -> (..., max_act_dim, bins)."""
-        return self.head(h_rtg).unflatten(-1, (self.cfg.max_act_dim, self.cfg.bins))
+        """outputs at rtg tokens (..., d) -> (..., max_act_dim, vocab)."""
+        return self.head(h_rtg).unflatten(-1, (self.cfg.max_act_dim, self.cfg.vocab))
 
-    def forward(self, state: torch.Tensor, rtg: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
-        """Parallel over a whole window: -> logits (B, T, max_act_dim, bins)."""
-        x = self.tokens(state, rtg, reward)
+    def targets(self, action: torch.Tensor, domain: str) -> torch.Tensor:
+        """actions (..., act_dim) of `domain` -> vocabulary ids (..., act_dim)."""
+        d = self.domain(domain)
+        if d.discrete:
+            return action[..., : d.act_dim].round().long()
+        return self.tokenizer.encode(action[..., : d.act_dim]) + self.cfg.discrete_actions
+
+    def decode(self, logits: torch.Tensor, domain: str) -> torch.Tensor:
+        """logits (..., max_act_dim, vocab) -> actions (..., act_dim): the argmax within the domain's ids."""
+        d = self.domain(domain)
+        if d.discrete:
+            return logits[..., : d.act_dim, : d.discrete].argmax(-1).float()
+        return self.tokenizer.decode(logits[..., : d.act_dim, self.cfg.discrete_actions:].argmax(-1))
+
+    def forward(self, state: torch.Tensor, rtg: torch.Tensor, reward: torch.Tensor,
+                domain: str = "metaworld") -> torch.Tensor:
+        """Parallel over a whole window: -> logits (B, T, max_act_dim, vocab)."""
+        x = self.tokens(state, rtg, reward, domain)
         if self.cfg.arch == "dt":
             if x.shape[1] > TOKENS_PER_STEP * self.cfg.context_steps:
                 raise ValueError(f"{x.shape[1] // 3} steps in one window, but the model was built for "
@@ -147,10 +218,12 @@ class ActionModel(nn.Module):
             h = self.backbone(x)
         return self.logits(h[:, 1::TOKENS_PER_STEP])
 
-    def loss(self, state, rtg, reward, action, act_dim: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy over the first `act_dim` action dimensions' bins; mask (B, T) marks real steps."""
-        logits = self.forward(state, rtg, reward)[..., :act_dim, :]  # (B, T, A, bins)
-        target = self.tokenizer.encode(action[..., :act_dim])
+    def loss(self, state, rtg, reward, action, domain: str = "metaworld",
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy over the vocabulary for the domain's action dimensions; mask (B, T) marks real steps."""
+        act_dim = self.domain(domain).act_dim
+        logits = self.forward(state, rtg, reward, domain)[..., :act_dim, :]  # (B, T, A, vocab)
+        target = self.targets(action, domain)
         ce = nn.functional.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none")
         ce = ce.view(target.shape).mean(-1)
         if mask is None:
@@ -194,6 +267,8 @@ def load_action_model(path: str | Path, arch: str | None = None) -> tuple[Action
     if arch is not None and cfg["arch"] != arch:
         raise ActionModelLoadError(f"{p} is a {cfg['arch']!r} action model, not {arch!r}")
     cfg["slstm_at"] = tuple(cfg.get("slstm_at") or ())
+    cfg["domains"] = tuple(cfg.get("domains") or ("metaworld",))
+    cfg.pop("reward_scale", None)  # cards written before DOMAINS held Meta-World's scale (200) here
     model = ActionModel(ActionModelConfig(**cfg))
     model.load_state_dict(load_file(str(p / "model.safetensors")))
     return model.eval(), card
@@ -206,9 +281,8 @@ class ActionModelPolicy:
     `target_returns[task]` is the return the model is conditioned on at the first step (from the card: the best
     training return of that task); R_t then decreases by each reward received."""
 
-    def __init__(self, model: ActionModel, card: dict | None = None, act_dim: int = 4,
-                 window: int | None = None) -> None:
-        self.model, self.card, self.act_dim = model.eval(), card or {}, act_dim
+    def __init__(self, model: ActionModel, card: dict | None = None, window: int | None = None) -> None:
+        self.model, self.card = model.eval(), card or {}
         if window is not None and (model.cfg.arch != "dt" or window < 1):
             raise ValueError(f"a window (>= 1 step) applies to the transformer's KV cache only, not to "
                              f"{model.cfg.arch!r} (got {window})")
@@ -224,6 +298,7 @@ class ActionModelPolicy:
     def reset(self, task: str, instruction: str) -> None:
         if self.target_returns and task not in self.target_returns:
             raise ValueError(f"this action model was trained on {sorted(self.target_returns)}, not on {task!r}")
+        self.domain = self.model.domain(domain_of(task)).name
         self.rtg = float(self.target_returns.get(task, 0.0))
         self.state = None  # recurrent state or DT cache
         self.steps = 0
@@ -242,11 +317,11 @@ class ActionModelPolicy:
         with Stopwatch() as sw:
             s = torch.as_tensor(np.asarray(observation["state"], np.float32)).view(1, 1, -1)
             # tokens(s_t, R_t, r_{t-1}): a reward token depends on the reward alone, so [..., 2] is step t-1's
-            toks = m.tokens(s, torch.tensor([[self.rtg]]), torch.tensor([[self.last_reward or 0.0]]))  # (1, 3, d)
+            toks = m.tokens(s, torch.tensor([[self.rtg]]), torch.tensor([[self.last_reward or 0.0]]),
+                            self.domain)  # (1, 3, d)
             feed = toks[:, :2] if self.last_reward is None else torch.cat([toks[:, 2:3], toks[:, :2]], 1)
             h = self._feed(feed)
-            logits = m.logits(h[:, -1])[0, : self.act_dim]  # (A, bins)
-            action = m.tokenizer.decode(logits.argmax(-1)).numpy()
+            action = m.decode(m.logits(h[:, -1])[0], self.domain).numpy()  # (act_dim,)
         n = feed.shape[1]
         flops = sum(m.flops_per_token(self._context(i)) for i in range(n))
         self.steps += 1

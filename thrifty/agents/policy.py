@@ -41,7 +41,8 @@ class Policy(Protocol):
 
 
 class ExpertPolicy:
-    """Meta-World's scripted expert behind the policy protocol (hand-written rules: no FLOPs are counted)."""
+    """The experts behind the policy protocol (hand-written rules: no FLOPs are counted): Meta-World's scripted
+    expert per task; on BabyAI grid tasks minigrid's bot, whose action the environment puts in each observation."""
 
     name = "expert"
 
@@ -50,13 +51,19 @@ class ExpertPolicy:
         self._act = None
 
     def reset(self, task: str, instruction: str) -> None:
+        from thrifty.envs.babyai_grid import is_babyai_task
         from thrifty.envs.metaworld import scripted_expert
 
-        if task not in self._experts:
+        if is_babyai_task(task):
+            self._act = None
+            self._experts[task] = "bot"
+        elif task not in self._experts:
             self._experts[task] = scripted_expert(task)
         self._act = self._experts[task]
 
     def act(self, observation: dict[str, Any]) -> PolicyStep:
+        if "expert_action" in observation:  # BabyAI grid: the bot has planned this step already
+            return PolicyStep(np.array([observation["expert_action"]], np.float32), CostRecord())
         if self._act is None:
             raise RuntimeError("ExpertPolicy.act before reset(task, instruction)")
         with Stopwatch() as sw:
@@ -86,25 +93,42 @@ def _quantile(xs: list[float], q: float) -> float | None:
     return float(np.quantile(np.asarray(xs), q))
 
 
+def make_env(task: str, max_steps: int = 200):
+    """The environment of a policy task: `babyai-<Level>` (grid observations, discrete actions, the level's own
+    step cap) or a Meta-World task (capped at `max_steps`)."""
+    from thrifty.envs.babyai_grid import BabyAIGridEnv, is_babyai_task
+    from thrifty.envs.metaworld import MetaWorldEnv
+
+    return BabyAIGridEnv(task) if is_babyai_task(task) else MetaWorldEnv(task, max_steps=max_steps)
+
+
+def episode_key(state: np.ndarray, instruction: str) -> str:
+    """A short digest of an episode's initial state and instruction: equal keys, the same episode."""
+    h = hashlib.sha256(np.ascontiguousarray(state, np.float32).tobytes())
+    h.update(instruction.encode())
+    return h.hexdigest()[:16]
+
+
 def run_policy_episode(policy: Policy, task: str, seed: int, max_steps: int = 200, env=None) -> dict[str, Any]:
     """Play one episode of `task` on layout `seed`; the result dict the bench writes as one JSON line.
 
     Fields: success, steps, decisions (= steps), flops_total, flops_per_step, wall_median_s and wall_p90_s (the
     policy's act() per step, the first WARMUP_STEPS steps left out), peak_rss_bytes (the process's resident peak
     during the episode), kv_bytes_max (the largest state or KV cache the policy carried), exit_layer_mean,
-    invalid_actions, actions_sha (a digest of the executed actions: same seed, same digest).
+    invalid_actions, actions_sha (a digest of the executed actions: same seed, same digest), episode_key (a digest
+    of the initial state and instruction: seeds that give the same episode share it).
     """
-    from thrifty.envs.metaworld import MetaWorldEnv
-
-    env = env or MetaWorldEnv(task, max_steps=max_steps)
+    env = env or make_env(task, max_steps=max_steps)
+    sanitize = getattr(env, "sanitize_action", sanitize_action)
     obs, _ = env.reset(seed=seed)
+    key = episode_key(obs["state"], env.instruction)
     policy.reset(env.task, env.instruction)
     walls, flops, kv, exits, invalid, steps, success = [], 0, 0, [], 0, 0, False
     digest = hashlib.sha256()
     with PeakRSS() as rss:
         while True:
             step = policy.act(obs)
-            action, changed = sanitize_action(step.action)
+            action, changed = sanitize(step.action)
             invalid += changed
             walls.append(step.cost.wall_s)
             flops += step.cost.flops
@@ -124,4 +148,4 @@ def run_policy_episode(policy: Policy, task: str, seed: int, max_steps: int = 20
             "flops_per_step": flops / steps, "wall_median_s": statistics.median(timed),
             "wall_p90_s": _quantile(timed, 0.9), "peak_rss_bytes": rss.peak_bytes, "kv_bytes_max": kv,
             "exit_layer_mean": statistics.fmean(exits) if exits else None, "invalid_actions": invalid,
-            "actions_sha": digest.hexdigest()[:16], "policy": policy.name}
+            "actions_sha": digest.hexdigest()[:16], "episode_key": key, "policy": policy.name}

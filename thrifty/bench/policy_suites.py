@@ -134,8 +134,7 @@ def run_policy_job(job: Job, configs: dict[str, dict], threads: int, max_steps: 
     """Play the episode `job` names with its policy; returns the result dict."""
     import torch
 
-    from thrifty.agents.policy import run_policy_episode
-    from thrifty.envs.metaworld import MetaWorldEnv
+    from thrifty.agents.policy import make_env, run_policy_episode
 
     torch.set_num_threads(threads)
     config = configs[job.config]
@@ -144,7 +143,7 @@ def run_policy_job(job: Job, configs: dict[str, dict], threads: int, max_steps: 
         _CACHE[pkey] = build_policy(config)
     ekey = ("env", job.level, max_steps)
     if ekey not in _CACHE:
-        _CACHE[ekey] = MetaWorldEnv(job.level, max_steps=max_steps)
+        _CACHE[ekey] = make_env(job.level, max_steps=max_steps)
     result = run_policy_episode(_CACHE[pkey], job.level, job.seed, max_steps=max_steps, env=_CACHE[ekey])
     result["threads"] = threads
     return result

@@ -30,23 +30,55 @@ def collect_metaworld_cmd(
     size: int = typer.Option(64, help="frame size in pixels for --frames"),
 ) -> None:
     """Play Meta-World's scripted experts on training layouts and write resumable, memory-mappable shards."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from thrifty.envs.metaworld import UnknownTaskError, resolve_tasks
-    from thrifty.train.demos import CollectSettings, DemoDirError, collect
+    from thrifty.train.demos import CollectSettings
 
     try:
         settings = CollectSettings(tasks=resolve_tasks(tasks), episodes=episodes, noise=noise, max_steps=max_steps,
                                    first_seed=first_seed, frames=frames, camera=camera, size=size)
     except (UnknownTaskError, ValueError) as e:
         fail(str(e))
+    _collect(out, settings)
+
+
+@collect_app.command("babyai")
+def collect_babyai_cmd(
+    out: Path = typer.Option(..., help="demonstration directory (manifest.json + shards/)"),
+    tasks: str = typer.Option("babyai-UnlockLocal", help="BabyAI grid tasks (babyai-<Level>, a level whose mission "
+                              "is fixed), comma-separated"),
+    episodes: int = typer.Option(1000, min=1, help="episodes per task, on training seeds train_seed(0..N-1)"),
+    noise: float = typer.Option(0.0, min=0.0, max=1.0, help="probability of executing a random turn or step forward "
+                                "instead of the bot's action (the label stays the bot's)"),
+    first_seed: int = typer.Option(0, min=0, help="first training seed index"),
+) -> None:
+    """Play minigrid's BabyAI bot with grid observations (the action models' second domain) into shards."""
+    from thrifty.envs.babyai_levels import UnknownLevelError
+    from thrifty.envs.babyai_grid import BabyAIGridEnv
+    from thrifty.train.demos import CollectSettings
+
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    try:
+        settings = CollectSettings(tasks=names, episodes=episodes, noise=noise, first_seed=first_seed,
+                                   domain="babyai")
+        for t in names:
+            BabyAIGridEnv(t).close()
+    except (UnknownLevelError, ValueError) as e:
+        fail(str(e))
+    _collect(out, settings)
+
+
+def _collect(out: Path, settings) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from thrifty.train.demos import DemoDirError, collect
+
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn())
     try:
         with bar:
-            t = bar.add_task(f"expert episodes -> {out}", total=episodes * len(settings.tasks))
+            t = bar.add_task(f"expert episodes -> {out}", total=settings.episodes * len(settings.tasks))
             manifest = collect(out, settings, progress=lambda n: bar.advance(t, n))
-    except DemoDirError as e:
+    except (DemoDirError, ValueError) as e:
         fail(str(e))
     counts = manifest.counts()
     for task, c in counts["per_task"].items():
@@ -144,7 +176,8 @@ def bench_policy_suite(suite: str, out: Optional[Path], episodes: Optional[int],
 @train_app.command("action-model")
 def train_action_model_cmd(
     arch: str = typer.Option(..., help="xlstm, mamba or dt (a Llama Decision Transformer)"),
-    data: Path = typer.Option(..., help="demonstration directory (`thrifty collect metaworld`)"),
+    data: list[Path] = typer.Option(..., help="demonstration directory (`thrifty collect metaworld`); repeat it "
+                                    "with one directory per domain (`thrifty collect babyai`) for one model over both"),
     out: Optional[Path] = typer.Option(None, help="model directory (default: runs/action_models/action_model_ARCH, "
                                        "what `thrifty bench lram --policy runs/action_models` reads)"),
     run_dir: Optional[Path] = typer.Option(None, help="resumable checkpoint (default: runs/action_model_ARCH)"),
@@ -154,7 +187,8 @@ def train_action_model_cmd(
     batch_size: Optional[int] = typer.Option(None, min=1, help="windows per step (default: the recipe's)"),
     threads: int = typer.Option(2, min=1, help="torch threads"),
 ) -> None:
-    """Train one of LRAM's action models (xLSTM, Mamba, Decision Transformer) on Meta-World demonstrations."""
+    """Train one of LRAM's action models (xLSTM, Mamba, Decision Transformer) on demonstrations of one domain or
+    several (one batch per domain per step)."""
     from thrifty.train.action_model import ActionModelRecipe, train_action_model
     from thrifty.train.demos import DemoDirError
 
@@ -165,7 +199,7 @@ def train_action_model_cmd(
                 setattr(recipe, name, value)
         recipe.model_config()
         run = run_dir or Path(f"runs/action_model_{arch}")
-        path = train_action_model(recipe, data, out or Path("runs/action_models") / f"action_model_{arch}", run,
+        path = train_action_model(recipe, data if len(data) > 1 else data[0], out or Path("runs/action_models") / f"action_model_{arch}", run,
                                   command="thrifty " + " ".join(sys.argv[1:]))
     except (DemoDirError, ValueError) as e:
         fail(str(e))

@@ -1,15 +1,19 @@
 """Recipe: LRAM's action models on Meta-World demonstrations (`thrifty train action-model --arch xlstm|mamba|dt`).
 
 Reads top to bottom:
-1. read the demonstrations (`thrifty collect metaworld`) and cut them into episodes; per step the state, the
-   reward, the return-to-go (the sum of the episode's rewards from that step on) and the expert's action (label);
+1. read the demonstrations (`thrifty collect metaworld`, and for a second domain `thrifty collect babyai`) and cut
+   them into episodes; per step the state, the reward, the return-to-go (the sum of the episode's rewards from that
+   step on) and the expert's action (label);
 2. sample training windows of `context_steps` consecutive steps (LRAM: 50) starting anywhere in an episode,
    zero-padded with a mask at the end of short episodes;
 3. train the model (`thrifty.agents.action_model`) with AdamW, warm-up and cosine decay, gradient clipping, on
-   cross-entropy over the action bins; the three architectures share data, steps, window and a parameter budget;
+   cross-entropy over the action vocabulary; the three architectures share data, steps, window and a parameter
+   budget. With several demonstration directories (domains), every optimiser step takes one batch per domain
+   (LRAM's single-domain batches) and averages their losses;
 4. save `model.safetensors` + `card.json`: recipe, command, data, parameters, loss curve and the target return per
    task the policy is conditioned on (the best return among that task's training episodes).
-Metric names: `losses/train_ce`, `losses/heldout_ce` (the last `heldout_episodes` episodes of each task).
+Metric names: `losses/train_ce`, `losses/heldout_ce` (the last `heldout_episodes` episodes of each task), averaged
+over domains, and with several domains `losses/heldout_ce/<domain>` too.
 """
 
 from __future__ import annotations
@@ -51,9 +55,9 @@ class ActionModelRecipe:
         fields = {k: v for k, v in asdict(self).items() if k not in ("threads", "checkpoint_every", "log_every")}
         return hashlib.sha256(json.dumps([fields, data_id], sort_keys=True).encode()).hexdigest()[:16]
 
-    def model_config(self) -> ActionModelConfig:
-        return ActionModelConfig(self.arch, d_model=self.d_model, layers=self.layers, heads=self.heads,
-                                 context_steps=self.context_steps)
+    def model_config(self, domains: tuple[str, ...] = ("metaworld",)) -> ActionModelConfig:
+        return ActionModelConfig.for_domains(self.arch, domains, d_model=self.d_model, layers=self.layers,
+                                             heads=self.heads, context_steps=self.context_steps)
 
 
 def episodes_of(demos: DemoSet) -> list[dict[str, np.ndarray]]:
@@ -74,8 +78,10 @@ def sample_windows(episodes: list[dict], n: int, steps: int, rng: np.random.Gene
     """n windows of `steps` consecutive steps (episodes drawn proportionally to length); mask marks real steps."""
     lengths = np.array([len(e["reward"]) for e in episodes], np.float64)
     picks = rng.choice(len(episodes), size=n, p=lengths / lengths.sum())
+    first = episodes[0]
     batch = {k: np.zeros((n, steps) + shape, np.float32) for k, shape in
-             (("state", (39,)), ("action", (4,)), ("reward", ()), ("rtg", ()), ("mask", ()))}
+             (("state", first["state"].shape[1:]), ("action", first["action"].shape[1:]), ("reward", ()),
+              ("rtg", ()), ("mask", ()))}
     for i, j in enumerate(picks):
         e = episodes[j]
         start = int(rng.integers(0, max(1, len(e["reward"]) - steps + 1)))
@@ -94,29 +100,53 @@ def _lr(recipe: ActionModelRecipe, step: int) -> float:
     return recipe.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train_action_model(recipe: ActionModelRecipe, data_dir: str | Path, out_dir: str | Path, run_dir: str | Path,
-                       command: str = "", progress: bool = True) -> Path:
-    """Run the recipe; resumes from `run_dir/checkpoint.pt` when recipe and data match."""
+@dataclass
+class DomainData:
+    """One domain's demonstrations, split by episode into training and held-out ones."""
+
+    name: str
+    train: list[dict]
+    heldout: list[dict]
+    targets: dict[str, float]
+    """per task: the best return among its training episodes (what the policy is conditioned on)"""
+
+
+def split_domain(demos: DemoSet, heldout_per_task: int) -> DomainData:
+    by_task: dict[str, list] = {}
+    for e in episodes_of(demos):
+        by_task.setdefault(e["task"], []).append(e)
+    heldout = [e for eps in by_task.values() for e in eps[-heldout_per_task:]] if heldout_per_task else []
+    held_ids = {(e["task"], e["seed"]) for e in heldout}
+    train = [e for eps in by_task.values() for e in eps if (e["task"], e["seed"]) not in held_ids]
+    targets = {t: float(max(e["rtg"][0] for e in eps if (t, e["seed"]) not in held_ids)) for t, eps in by_task.items()}
+    return DomainData(demos.settings.get("domain", "metaworld"), train, heldout, targets)
+
+
+def train_action_model(recipe: ActionModelRecipe, data_dir: str | Path | list, out_dir: str | Path,
+                       run_dir: str | Path, command: str = "", progress: bool = True) -> Path:
+    """Run the recipe on one demonstration directory or several (one per domain); resumes from
+    `run_dir/checkpoint.pt` when recipe and data match."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     torch.set_num_threads(recipe.threads)
-    demos = DemoSet(data_dir)
-    data_id = hashlib.sha256(json.dumps(demos.manifest["shards"], sort_keys=True).encode()).hexdigest()[:16]
+    dirs = list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]
+    sets = [DemoSet(d) for d in dirs]
+    ids = [hashlib.sha256(json.dumps(d.manifest["shards"], sort_keys=True).encode()).hexdigest()[:16] for d in sets]
+    data_id = ids[0] if len(ids) == 1 else "+".join(ids)
     fingerprint = recipe.fingerprint(data_id)
-    episodes = episodes_of(demos)
-    by_task: dict[str, list] = {}
-    for e in episodes:
-        by_task.setdefault(e["task"], []).append(e)
-    heldout = [e for eps in by_task.values() for e in eps[-recipe.heldout_episodes:]] if recipe.heldout_episodes else []
-    held_ids = {(e["task"], e["seed"]) for e in heldout}
-    train = [e for e in episodes if (e["task"], e["seed"]) not in held_ids]
-    targets = {t: float(max(e["rtg"][0] for e in eps if (t, e["seed"]) not in held_ids)) for t, eps in by_task.items()}
+    domains = [split_domain(d, recipe.heldout_episodes) for d in sets]
+    names = [d.name for d in domains]
+    if len(set(names)) != len(names):
+        raise ValueError(f"one demonstration directory per domain, got domains {names} for {[str(d) for d in dirs]}")
+    targets = {t: r for d in domains for t, r in d.targets.items()}
+    train_eps = sum(len(d.train) for d in domains)
 
     torch.manual_seed(recipe.seed)
-    model = ActionModel(recipe.model_config())
+    model = ActionModel(recipe.model_config(tuple(names)))
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     rng = np.random.default_rng(recipe.seed)
-    held_batch = sample_windows(heldout, 64, recipe.context_steps, np.random.default_rng(12345)) if heldout else None
+    held = {d.name: sample_windows(d.heldout, 64, recipe.context_steps, np.random.default_rng(12345))
+            for d in domains if d.heldout}
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint.pt"
@@ -131,28 +161,36 @@ def train_action_model(recipe: ActionModelRecipe, data_dir: str | Path, out_dir:
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), disable=not progress)
     with bar:
-        task = bar.add_task(f"action model ({recipe.arch}, {len(train)} episodes)", total=recipe.steps, completed=step)
+        task = bar.add_task(f"action model ({recipe.arch}, {train_eps} episodes, {'+'.join(names)})",
+                            total=recipe.steps, completed=step)
         t0, running = time.perf_counter(), []
         while step < recipe.steps:
-            b = sample_windows(train, recipe.batch_size, recipe.context_steps, rng)
             for g in opt.param_groups:
                 g["lr"] = _lr(recipe, step)
-            loss = model.train().loss(b["state"], b["rtg"], b["reward"], b["action"], act_dim=4, mask=b["mask"])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total = 0.0
+            for d in domains:  # one single-domain batch each, losses averaged
+                b = sample_windows(d.train, recipe.batch_size, recipe.context_steps, rng)
+                loss = model.train().loss(b["state"], b["rtg"], b["reward"], b["action"], d.name, mask=b["mask"])
+                (loss / len(domains)).backward()
+                total += loss.item() / len(domains)
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             opt.step()
-            running.append(loss.item())
+            running.append(total)
             step += 1
             bar.advance(task)
             if step % recipe.log_every == 0 or step == recipe.steps:
-                held = None
-                if held_batch is not None:
+                row = {"step": step, "losses/train_ce": float(np.mean(running))}
+                if held:
                     with torch.no_grad():
-                        held = model.eval().loss(held_batch["state"], held_batch["rtg"], held_batch["reward"],
-                                                 held_batch["action"], act_dim=4, mask=held_batch["mask"]).item()
-                curve.append({"step": step, "losses/train_ce": float(np.mean(running)), "losses/heldout_ce": held,
-                              "wall_s": round(seconds + time.perf_counter() - t0, 2)})
+                        per = {n: model.eval().loss(b["state"], b["rtg"], b["reward"], b["action"], n,
+                                                    mask=b["mask"]).item() for n, b in held.items()}
+                    row["losses/heldout_ce"] = float(np.mean(list(per.values())))
+                    if len(domains) > 1:
+                        row.update({f"losses/heldout_ce/{n}": v for n, v in per.items()})
+                else:
+                    row["losses/heldout_ce"] = None
+                curve.append(row | {"wall_s": round(seconds + time.perf_counter() - t0, 2)})
                 running = []
             if step % recipe.checkpoint_every == 0 or step == recipe.steps:
                 torch.save({"fingerprint": fingerprint, "model": model.state_dict(), "opt": opt.state_dict(),
@@ -163,7 +201,8 @@ def train_action_model(recipe: ActionModelRecipe, data_dir: str | Path, out_dir:
             "parameters": sum(p.numel() for p in model.parameters()),
             "backbone_parameters": sum(p.numel() for p in model.backbone.parameters()),
             "target_returns": targets,
-            "data": {"dir": str(data_dir), "tasks": list(demos.tasks), "settings": demos.settings,
-                     "train_episodes": len(train), "heldout_episodes": len(heldout)},
+            "data": [{"dir": str(p), "domain": d.name, "tasks": list(ds.tasks), "settings": ds.settings,
+                      "train_episodes": len(d.train), "heldout_episodes": len(d.heldout)}
+                     for p, ds, d in zip(dirs, sets, domains)],
             "curve": curve, "final": curve[-1] if curve else {}}
     return save_action_model(model.eval(), out_dir, card)

@@ -1,5 +1,9 @@
 """Demonstrations: the scripted expert's episodes on training layouts, written as memory-mappable shards.
 
+Two domains: Meta-World (the scripted experts; below) and BabyAI grid tasks (`babyai-<Level>`, minigrid's bot;
+`thrifty.envs.babyai_grid`), where state is (T, 151), action and taken are (T, 1) action indices, and the noise
+executes a random turn or step forward.
+
 Layout of a demonstration directory::
 
     DIR/manifest.json          format, tasks, instructions, the collection settings, one entry per finished shard
@@ -60,8 +64,15 @@ class CollectSettings:
     frames: bool = False
     camera: str = "corner"
     size: int = 64
+    domain: str = "metaworld"
+    """"metaworld" or "babyai" (tasks named babyai-<Level>)"""
 
     def __post_init__(self) -> None:
+        if self.domain not in ("metaworld", "babyai"):
+            raise ValueError(f"unknown demonstration domain {self.domain!r}; choose metaworld or babyai")
+        if self.domain == "babyai" and (self.frames or not all(t.startswith("babyai-") for t in self.tasks)):
+            raise ValueError(f"BabyAI demonstrations take tasks named babyai-<Level> and no frames, got "
+                             f"{list(self.tasks)} with frames={self.frames}")
         if self.episodes < 1 or self.episodes_per_shard < 1:
             raise ValueError(f"episodes and episodes_per_shard must be >= 1, got {self.episodes}, "
                              f"{self.episodes_per_shard}")
@@ -131,6 +142,29 @@ def play_episode(env, expert: Callable, seed: int, noise: float, rng: np.random.
     return out
 
 
+def play_babyai_episode(env, seed: int, noise: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One bot episode of a BabyAI grid task; with probability `noise` a random left/right/forward is executed
+    instead (the bot replans from wherever that leads; its action stays the label)."""
+    obs, _ = env.reset(seed=seed)
+    rows: dict[str, list] = {k: [] for k in ("state", "action", "taken", "reward", "success")}
+    while True:
+        label = obs["expert_action"]
+        taken = int(rng.integers(0, 3)) if rng.random() < noise else label
+        rows["state"].append(obs["state"])
+        obs, reward, terminated, truncated, info = env.step(taken)
+        rows["action"].append([label])
+        rows["taken"].append([taken])
+        rows["reward"].append(reward)
+        rows["success"].append(info["success"])
+        if terminated or truncated:
+            break
+    t = len(rows["action"])
+    return {"state": np.stack(rows["state"]).astype(np.float32), "action": np.asarray(rows["action"], np.float32),
+            "taken": np.asarray(rows["taken"], np.float32), "reward": np.asarray(rows["reward"], np.float32),
+            "success": np.asarray(rows["success"], np.uint8), "episode": np.full(t, seed, np.int32),
+            "step": np.arange(t, dtype=np.int32), "task_id": np.zeros(t, np.int16)}
+
+
 @dataclass
 class Manifest:
     format: str
@@ -167,6 +201,15 @@ def _open_manifest(root: Path, settings: CollectSettings) -> Manifest:
     p = Manifest.path(root)
     want = json.loads(json.dumps(asdict(settings)))
     if not p.exists():
+        if settings.domain == "babyai":
+            from thrifty.envs.babyai_grid import BabyAIGridEnv
+
+            instructions = {}
+            for t in settings.tasks:
+                env = BabyAIGridEnv(t)
+                instructions[t] = env.reset(seed=0)[1]["mission"]
+                env.close()
+            return Manifest(FORMAT, want, instructions)
         return Manifest(FORMAT, want, {t: INSTRUCTIONS[t] for t in settings.tasks})
     try:
         raw = json.loads(p.read_text())
@@ -175,7 +218,7 @@ def _open_manifest(root: Path, settings: CollectSettings) -> Manifest:
     if raw.get("format") != FORMAT:
         raise DemoDirError(f"{p} has format {raw.get('format')!r}, not {FORMAT!r}: not a thrifty demonstration "
                            "directory; pass --out with another path")
-    have = raw.get("settings", {})
+    have = {"domain": "metaworld", **raw.get("settings", {})}  # directories from before BabyAI were Meta-World's
     if have != want:
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         raise DemoDirError(f"{root} holds demonstrations collected with other settings {diff} (theirs, asked); "
@@ -192,9 +235,14 @@ def collect(root: str | Path, settings: CollectSettings, progress: Callable[[int
     manifest = _open_manifest(root, settings)
     done = {s["file"] for s in manifest.shards}
     for task in settings.tasks:
-        env = MetaWorldEnv(task, max_steps=settings.max_steps, render=settings.frames, camera=settings.camera,
-                           size=settings.size)
-        expert = scripted_expert(task)
+        if settings.domain == "babyai":
+            from thrifty.envs.babyai_grid import BabyAIGridEnv
+
+            env, expert = BabyAIGridEnv(task), None
+        else:
+            env = MetaWorldEnv(task, max_steps=settings.max_steps, render=settings.frames, camera=settings.camera,
+                               size=settings.size)
+            expert = scripted_expert(task)
         for k, start in enumerate(range(0, settings.episodes, settings.episodes_per_shard)):
             name = f"shards/{task}-{k:04d}.safetensors"
             seeds = [train_seed(settings.first_seed + i)
@@ -205,8 +253,11 @@ def collect(root: str | Path, settings: CollectSettings, progress: Callable[[int
                 continue
             episodes = []
             for seed in seeds:
-                rng = np.random.default_rng([seed, TASKS.index(task)])
-                episodes.append(play_episode(env, expert, seed, settings.noise, rng))
+                if expert is None:
+                    episodes.append(play_babyai_episode(env, seed, settings.noise, np.random.default_rng([seed, 0])))
+                else:
+                    rng = np.random.default_rng([seed, TASKS.index(task)])
+                    episodes.append(play_episode(env, expert, seed, settings.noise, rng))
                 if progress:
                     progress(1)
             arrays = {key: np.concatenate([e[key] for e in episodes]) for key in episodes[0]}
