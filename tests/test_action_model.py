@@ -113,3 +113,35 @@ def test_profile_rows_show_constant_recurrent_state_and_growing_kv():
     assert rows["dt"][2]["flops_per_step"] > rows["dt"][0]["flops_per_step"]
     stopped = profile_arm(_model("dt"), [4, 20], repeats=1, warmup=0, limits=ProfileLimits(memory_limit_mb=1e-6))
     assert len(stopped) == 1 and "MB >" in stopped[0]["stopped"]
+
+
+def test_multi_domain_vocabulary_keeps_discrete_and_continuous_ids_apart():
+    from thrifty.agents.action_model import DOMAINS
+
+    cfg = ActionModelConfig.for_domains("xlstm", ("metaworld", "babyai"), d_model=32, layers=1, heads=4,
+                                        context_steps=8)
+    assert (cfg.max_state_dim, cfg.max_act_dim, cfg.discrete_actions, cfg.vocab) == (151, 4, 7, 263)
+    model = ActionModel(cfg).eval()
+    cont = model.targets(torch.tensor([[-1.0, -0.999, 0.0, 1.0]]), "metaworld")
+    assert cont.min() >= 7 and cont.max() < 263  # continuous bins sit after the 7 discrete ids
+    assert model.targets(torch.tensor([[3.0]]), "babyai").tolist() == [[3]]
+    logits = torch.randn(5, 4, 263)
+    logits[..., :7] += 100.0  # even when the discrete ids score highest, a Meta-World action stays continuous
+    assert model.decode(logits, "metaworld").abs().max() <= 1.0
+    logits = torch.randn(5, 4, 263)
+    logits[..., 7:] += 100.0
+    assert set(model.decode(logits, "babyai").flatten().tolist()) <= set(range(DOMAINS["babyai"].discrete))
+    loss = model.loss(torch.randn(2, 3, 151), torch.ones(2, 3), torch.zeros(2, 3), torch.ones(2, 3, 1), "babyai")
+    assert torch.isfinite(loss)
+
+
+def test_a_model_refuses_a_domain_it_was_not_built_for(tmp_path):
+    model = _model("xlstm")  # Meta-World only
+    path = save_action_model(model, tmp_path / "m", {})
+    policy = ActionModelPolicy.load(path)
+    with pytest.raises(ValueError, match=r"acts in \['metaworld'\], not in 'babyai'"):
+        policy.reset("babyai-UnlockLocal", "")
+    with pytest.raises(ValueError, match="unknown domains"):
+        ActionModelConfig("xlstm", domains=("atari",))
+    with pytest.raises(ValueError, match="max_state_dim >= 151"):
+        ActionModelConfig("xlstm", domains=("metaworld", "babyai"))

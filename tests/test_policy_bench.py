@@ -141,3 +141,30 @@ def test_train_action_model_command(tmp_path):
     assert card["config"]["arch"] == "xlstm" and card["curve"][-1]["step"] == 3 and "reach-v3" in card["target_returns"]
     result = run_policy_episode(ActionModelPolicy.load(out, arch="xlstm"), "reach-v3", eval_seed(0), max_steps=4)
     assert result["steps"] == 4 and result["kv_bytes_max"] > 0 and result["flops_total"] > 0
+
+
+def test_two_domain_action_model_trains_and_acts_in_both(tmp_path):
+    mw, grid = tmp_path / "mw", tmp_path / "grid"
+    assert runner.invoke(app, ["collect", "metaworld", "--tasks", "reach", "--episodes", "6", "--max-steps", "30",
+                               "--out", str(mw)]).exit_code == 0
+    r = runner.invoke(app, ["collect", "babyai", "--tasks", "babyai-GoToRedBallGrey", "--episodes", "8",
+                            "--noise", "0.3", "--out", str(grid)])
+    assert r.exit_code == 0 and "expert success 1.00" in r.output, r.output
+    out = tmp_path / "model"
+    r = runner.invoke(app, ["train", "action-model", "--arch", "dt", "--data", str(mw), "--data", str(grid),
+                            "--out", str(out), "--run-dir", str(tmp_path / "run"), "--steps", "2", "--d-model", "32",
+                            "--layers", "1", "--batch-size", "2", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    from thrifty.agents.action_model import ActionModelPolicy
+
+    card = json.loads((out / "card.json").read_text())
+    assert card["config"]["domains"] == ["metaworld", "babyai"] and card["config"]["discrete_actions"] == 7
+    assert {"reach-v3", "babyai-GoToRedBallGrey"} <= set(card["target_returns"])
+    assert {"losses/heldout_ce/metaworld", "losses/heldout_ce/babyai"} <= set(card["curve"][-1])
+    policy = ActionModelPolicy.load(out)
+    grid_run = run_policy_episode(policy, "babyai-GoToRedBallGrey", eval_seed(0))
+    assert grid_run["steps"] >= 1 and grid_run["invalid_actions"] == 0 and grid_run["flops_total"] > 0
+    assert run_policy_episode(policy, "reach-v3", eval_seed(0), max_steps=3)["steps"] == 3
+    r = runner.invoke(app, ["collect", "babyai", "--tasks", "GoToRedBallGrey", "--episodes", "2", "--out",
+                            str(tmp_path / "x")])
+    assert r.exit_code == 2 and "babyai-<Level>" in r.output
