@@ -1,4 +1,5 @@
-"""`thrifty bench`, `suites`, `techniques`, `play`, `memory-level`: run the closed-loop suites and look at what is registered."""
+"""`thrifty bench`, `suites`, `techniques`, `play`, `memory-level`: run the closed-loop suites, look at what is
+registered, and check a memory level."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def bench(
                                get_suite, pareto_plot, print_table, run_jobs, summarize, write_summary_json)
     from thrifty.bench.paired import paired_rows, print_paired
     from thrifty.bench.report import latency_note
-    from thrifty.bench.suites import check_configs, check_levels, with_pruner
+    from thrifty.bench.suites import SeedsCollapseError, check_configs, check_levels, with_pruner
     from thrifty.techniques.token_pruning import PrunerMismatchError
     from thrifty.envs import UnknownLevelError
 
@@ -68,7 +69,9 @@ def bench(
     try:
         spec = get_suite(suite)
         levels = check_levels(level)
-    except (UnknownSuiteError, UnknownLevelError) as e:
+        if episodes is None:  # the suite's own seeds: refused below the distinct-episode floor it states
+            spec.check_distinct(levels)
+    except (UnknownSuiteError, UnknownLevelError, SeedsCollapseError) as e:
         fail(str(e))
     model_dir = Path(model) if model else (spec.model or SHIPPED_PLANNER)
     try:

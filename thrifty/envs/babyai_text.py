@@ -115,6 +115,18 @@ def level_id(level: str) -> str:
 
 
 
+def episode_keys(level: str, seeds) -> list[str]:
+    """The `BabyAITextEnv.episode_key` of each seed's episode of `level`, by resetting the env only (no model, no
+    steps): how many distinct episodes a list of seeds gives is `len(set(episode_keys(level, seeds)))`."""
+    env = BabyAITextEnv(level)
+    keys = []
+    for seed in seeds:
+        env.reset(seed=seed)
+        keys.append(env.episode_key)
+    env.close()
+    return keys
+
+
 def _offset(i: int, j: int) -> str:
     """Cell (i, j) of the view -> 'N ahead M left' relative to the agent."""
     ahead, right = _AGENT_Y - j, i - _AGENT_X

@@ -8,8 +8,8 @@ seeds give two episodes (key cue or ball cue). Here every seed draws:
 - the cue: an object of any type (key, ball, box) and colour (minigrid's six), on any cell of the 3x3 start room
   except the one before the room's exit;
 - the start: any cell and heading of the start room from which the cue, and no other object, is in view, so the
-  cue is the one object named in the first observation; on the way east it is out of view as soon as the agent heads into the hallway (walled on
-  both sides, the room's one exit behind it), and only turning back would show it again;
+  cue is the one object named in the first observation; on the way east it is out of view as soon as the agent
+  heads into the hallway (walled on both sides, the room's one exit behind it); only turning back shows it again;
 - distractors: 0 to 3 objects in niches along the hallway walls, seen on the way (they compete with the cue for
   the kept tokens), never with the name of either junction object;
 - the junction layout: a corridor across the end of the hallway with one object at the end of each arm, each arm

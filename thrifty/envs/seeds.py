@@ -30,9 +30,10 @@ def episode_key(*parts) -> str:
     right after `reset` (`BabyAITextEnv.episode_key`, `CoopGridEnv.episode_key()`).
 
         >>> import numpy as np
-        >>> episode_key("lvl", np.zeros((2, 2)), (1, 1), 0, "go") == episode_key("lvl", np.zeros((2, 2)), (1, 1), 0, "go")
+        >>> grid = np.zeros((2, 2))
+        >>> episode_key("lvl", grid, (1, 1), 0, "go") == episode_key("lvl", grid.copy(), (1, 1), 0, "go")
         True
-        >>> episode_key("lvl", np.zeros((2, 2)), (1, 1), 0, "go") == episode_key("lvl", np.zeros((2, 2)), (1, 1), 1, "go")
+        >>> episode_key("lvl", grid, (1, 1), 0, "go") == episode_key("lvl", grid, (1, 1), 1, "go")
         False
     """
     digest = hashlib.sha256()
