@@ -105,3 +105,11 @@ def test_one_size_only_draws_that_size():
     for i in range(5):
         env.reset(seed=i)
         assert env.size == 9 and env.width == 9 and env.junction == (7, 4)
+
+
+@pytest.mark.parametrize("module", ["thrifty.envs.memory_varied", "thrifty.envs.seeds"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    assert doctest.testmod(importlib.import_module(module), raise_on_error=True).failed == 0

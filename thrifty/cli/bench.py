@@ -131,7 +131,7 @@ def suites() -> None:
     for s in SUITES.values():
         configs = ", ".join(c.name for c in s.configs)
         console.print(f"[bold]{s.name}[/]: {s.description}\n  configs: {configs}; levels: {', '.join(s.levels)}; "
-                      f"{s.episodes} episodes each")
+                      f"{s.episodes} episodes each, at least {s.distinct_floor} distinct per level")
     from thrifty.bench.policy_suites import POLICY_SUITES
 
     for s in POLICY_SUITES.values():
