@@ -8,6 +8,7 @@ from thrifty.agents.planner import WARMUP_DECISIONS
 from thrifty.bench import SHIPPED_PLANNER, Job, ResultsFile, get_suite, run_jobs
 from thrifty.bench.suites import PRUNING_TECHNIQUES, BenchConfig, Suite, episode_fn
 from thrifty.cli import app
+from thrifty.envs import BabyAITextEnv
 from thrifty.techniques.base import forget_warnings
 from thrifty.techniques.pruning_common import PruningNoOpWarning
 
@@ -63,7 +64,10 @@ def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_d
     configs = [c.name for c in get_suite("demo").configs]
     assert [x["config"] for x in lines[1:]] == configs and all(x["level"] == "GoToLocal" for x in lines[1:])
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "success" in r.output
+    assert "success" in r.output and "distinct" in r.output
+    env = BabyAITextEnv("GoToLocal")  # every row names its episode: one seed, the same episode for all configs
+    env.reset(seed=lines[1]["seed"])
+    assert {x["episode_key"] for x in lines[1:]} == {env.episode_key}
     assert all(x["warmup_decisions"] == WARMUP_DECISIONS for x in lines[1:]) and "warm-up left out" in r.output
     paired = json.loads(out.with_name("demo_paired.json").read_text())  # every config against full, same seed
     assert [x["config"] for x in paired] == configs[1:] and all(x["pairs"] == 1 for x in paired)

@@ -76,6 +76,7 @@ def run_coop_episode(decide_fn: DecideFn, n_robots: int, seed: int, config: Coop
     config = config or CoopConfig()
     env = config.make_env(n_robots)
     obs, infos = env.reset(seed=seed)
+    key = env.episode_key()
     agents = list(env.possible_agents)
     ctx = CoopContext.start(env.mission, n_robots, config.rows, config.cols, config.max_records)
     tokens = SharedContextTokens(tokenizer) if tokenizer is not None else None
@@ -149,6 +150,7 @@ def run_coop_episode(decide_fn: DecideFn, n_robots: int, seed: int, config: Coop
     return {
         "n_robots": n_robots,
         "seed": seed,
+        "episode_key": key,  # which episode the seed gave (CoopGridEnv.episode_key)
         "mission": env.mission,
         "success": env.success,
         "targets": len(env.targets),

@@ -177,6 +177,7 @@ def run_episode(planner: TextPlanner, level: str, seed: int, config: EpisodeConf
     walls = [r.wall_s for r in records]
     return {
         "mission": info["mission"],
+        "episode_key": env.episode_key,  # which episode the seed gave (thrifty.envs.seeds.episode_key)
         "success": bool(reward > 0),
         "reward": reward,
         "steps": steps,

@@ -53,6 +53,23 @@ EPISODES = 4
 """Default episodes per (configuration, K). With `--max-kept` that is 12 configurations x 3 team sizes x 4 = 144
 episodes; docs/coop.md's 8-episode run (288, constrained decoding) took 12 min on one core with the shipped planner."""
 
+MIN_DISTINCT = EPISODES
+"""Floor on the distinct episodes (`CoopGridEnv.episode_key`) the default seeds give per team size: all of them
+(`coop_distinct_episodes`; tests/test_bench_harness.py checks it). Results count each distinct episode once."""
+
+
+def coop_distinct_episodes(episodes: int = EPISODES, team_sizes: Sequence[int] = TEAM_SIZES) -> dict[int, int]:
+    """K -> how many distinct episodes eval_seed(0..episodes-1) give with K robots (by resetting the env only)."""
+    counts = {}
+    for k in team_sizes:
+        env = eval_config().make_env(k)
+        keys = set()
+        for i in range(episodes):
+            env.reset(seed=eval_seed(i))
+            keys.add(env.episode_key())
+        counts[k] = len(keys)
+    return counts
+
 
 @dataclass(frozen=True)
 class CoopBenchConfig:

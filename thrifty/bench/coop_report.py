@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from thrifty.bench.paired import paired_rows
-from thrifty.bench.report import format_flops, wilson_interval
+from thrifty.bench.report import collapse_warning, distinct_groups, distinct_success, format_flops, wilson_interval
 
 # --- summary and table ---------------------------------------------------------------------------------------------
 
-COOP_ROW_FIELDS = ("config", "n_robots", "episodes", "success", "success_lo", "success_hi", "rounds",
-                   "tokens_per_call", "tokens_per_round", "flops_per_call", "flops_growth", "flops_per_round",
+COOP_ROW_FIELDS = ("config", "n_robots", "episodes", "distinct_episodes", "success", "success_lo", "success_hi",
+                   "rounds", "tokens_per_call", "tokens_per_round", "flops_per_call", "flops_growth", "flops_per_round",
                    "kv_bytes_max", "latency_per_call_s", "malformed_per_call")
 
 
@@ -34,20 +34,22 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def summarize_coop(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (config, K), configs in order of first appearance, K ascending."""
+    """One row per (config, K), configs in order of first appearance, K ascending. Success and its interval are over
+    distinct episodes (`episode_key`, `thrifty.bench.report`)."""
     groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["config"], int(str(r["level"])[1:])), []).append(r)
     order = list(dict.fromkeys(r["config"] for r in records))
     rows = []
     for (config, k), eps in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
-        wins = sum(bool(e["success"]) for e in eps)
-        lo, hi = wilson_interval(wins, len(eps))
+        wins, n = distinct_success(eps)
+        lo, hi = wilson_interval(wins, n)
         calls = sum(e["calls"] for e in eps)
         model = [e for e in eps if "flops_total" in e]
         flops_calls = sum(e["decisions"] for e in model)
         rows.append({
-            "config": config, "n_robots": k, "episodes": len(eps), "success": wins / len(eps),
+            "config": config, "n_robots": k, "episodes": len(eps), "distinct_episodes": len(distinct_groups(eps)),
+            "success": wins / n if n else None,
             "success_lo": lo, "success_hi": hi, "rounds": _mean([e["rounds"] for e in eps]),
             "tokens_per_call": _mean([e["context_tokens_mean"] for e in eps if e.get("context_tokens_mean")]),
             "tokens_per_round": _mean([e["tokens_per_round_mean"] for e in eps if e.get("tokens_per_round_mean")]),
@@ -73,7 +75,7 @@ def print_coop_table(rows: Sequence[Mapping[str, Any]], console: Any = None, tit
 
     console = console or Console(width=200)
     table = Table(title=title, box=box.SIMPLE_HEAVY)
-    for name in ("config", "K", "episodes", "success [95% CI]", "rounds", "tokens/call", "tokens/round",
+    for name in ("config", "K", "episodes", "distinct", "success [95% CI]", "rounds", "tokens/call", "tokens/round",
                  "FLOPs/call", "x smallest K", "FLOPs/round", "KV cache max", "latency/call", "malformed"):
         table.add_column(name, justify="left" if name == "config" else "right", no_wrap=True)
 
@@ -82,7 +84,7 @@ def print_coop_table(rows: Sequence[Mapping[str, Any]], console: Any = None, tit
 
     for r in rows:
         lat = r.get("latency_per_call_s")
-        table.add_row(str(r["config"]), str(r["n_robots"]), str(r["episodes"]),
+        table.add_row(str(r["config"]), str(r["n_robots"]), str(r["episodes"]), str(r.get("distinct_episodes", "–")),
                       f"{r['success']:.2f} [{r['success_lo']:.2f}, {r['success_hi']:.2f}]", num(r["rounds"], ".1f"),
                       num(r["tokens_per_call"], ".0f"), num(r["tokens_per_round"], ".0f"),
                       format_flops(r["flops_per_call"]), num(r.get("flops_growth"), ".2f"),
@@ -90,6 +92,9 @@ def print_coop_table(rows: Sequence[Mapping[str, Any]], console: Any = None, tit
                       "–" if r.get("kv_bytes_max") is None else f"{r['kv_bytes_max'] / 2**20:.2f} MB",
                       "–" if lat is None else f"{lat * 1e3:.1f} ms", num(r["malformed_per_call"], ".1%"))
     console.print(table)
+    warning = collapse_warning(rows, where="n_robots")
+    if warning:
+        console.print(f"[bold yellow]warning:[/] {warning}")
     return table
 
 
@@ -157,7 +162,7 @@ def print_paired_coop(rows: Sequence[Mapping[str, Any]], console: Any, title: st
 
     ref = rows[0]["reference"]
     table = Table(title=title, box=box.SIMPLE_HEAVY)
-    for name in ("config", "K", "pairs", f"lost (only {ref})", "gained", "difference [95% CI]",
+    for name in ("config", "K", "pairs", "distinct", f"lost (only {ref})", "gained", "difference [95% CI]",
                  f"FLOPs/call vs {ref}, both solve", "x smallest K", f"{ref} x smallest K", "added per robot",
                  f"{ref} added per robot"):
         table.add_column(name, justify="left" if name == "config" else "right", no_wrap=True)
@@ -166,8 +171,8 @@ def print_paired_coop(rows: Sequence[Mapping[str, Any]], console: Any, title: st
         return "–" if v is None else format(v, spec)
 
     for r in rows:
-        table.add_row(str(r["config"]), str(r["n_robots"]), str(r["pairs"]), str(r["reference_only"]),
-                      str(r["config_only"]),
+        table.add_row(str(r["config"]), str(r["n_robots"]), str(r["pairs"]),
+                      str(r.get("distinct_pairs", r["pairs"])), f"{r['reference_only']:g}", f"{r['config_only']:g}",
                       f"{r['difference']:+.2f} [{r['difference_lo']:+.2f}, {r['difference_hi']:+.2f}]",
                       num(r["flops_ratio"], ".0%"), num(r["flops_growth"], ".2f"), num(r["reference_growth"], ".2f"),
                       format_flops(r["flops_per_robot"]), format_flops(r["reference_flops_per_robot"]))

@@ -6,6 +6,11 @@ discordant ones do. For n pairs with b = reference-only and c = config-only succ
 d = (c - b) / n and its 95% interval is Tango's score interval (Tango, 1998, Statistics in Medicine 17:891):
 every difference the paired score test does not reject. It stays inside [-1, 1] and keeps a positive width when
 b = c = 0 (Wald intervals, and Newcombe's method 10 with its phi = 1, collapse to a point there).
+
+Pairs are counted over distinct episodes (issue 23, `thrifty.bench.report`): the pairs whose episodes share an
+`episode_key` are one pair, whose four cells are the fractions of its seed pairs in each (a deterministic pair of
+configurations puts all of it in one cell). So n is the number of distinct paired episodes (`distinct_pairs`),
+never the number of seeds (`pairs`); records without `episode_key` are each their own episode, as before.
 """
 
 from __future__ import annotations
@@ -63,12 +68,18 @@ def paired_difference(both: int, ref_only: int, cfg_only: int, neither: int,
 def paired_rows(episodes: Iterable[Mapping[str, Any]], reference: str = "full") -> list[dict[str, Any]]:
     """One row per configuration other than `reference`: pairs, the 2x2 counts and the difference with its CI.
 
-    Episodes pair on (level, seed); an episode without a partner is left out. Returns [] without a reference."""
+    Episodes pair on (level, seed); an episode without a partner is left out. The 2x2 counts are over distinct
+    episodes (module doc): integers when every distinct episode's seed pairs agree, fractions otherwise.
+    Returns [] without a reference."""
     outcome: dict[str, dict[tuple[Any, Any], bool]] = {}
+    episode: dict[tuple[Any, Any], Any] = {}  # (level, seed) -> episode_key, when a record has one
     for ep in episodes:
         if ep.get("success") is None:
             continue
-        outcome.setdefault(str(ep.get("config")), {})[(ep.get("level"), ep.get("seed"))] = bool(ep["success"])
+        where = (ep.get("level"), ep.get("seed"))
+        outcome.setdefault(str(ep.get("config")), {})[where] = bool(ep["success"])
+        if ep.get("episode_key") is not None:
+            episode.setdefault(where, ep["episode_key"])
     ref = outcome.get(reference)
     if not ref:
         return []
@@ -77,14 +88,24 @@ def paired_rows(episodes: Iterable[Mapping[str, Any]], reference: str = "full") 
         if config == reference:
             continue
         keys = [k for k in results if k in ref]
-        both = sum(ref[k] and results[k] for k in keys)
-        ref_only = sum(ref[k] and not results[k] for k in keys)
-        cfg_only = sum(results[k] and not ref[k] for k in keys)
-        d, lo, hi = paired_difference(both, ref_only, cfg_only, len(keys) - both - ref_only - cfg_only)
-        rows.append({"config": config, "reference": reference, "pairs": len(keys), "both": both,
-                     "reference_only": ref_only, "config_only": cfg_only, "difference": d,
+        groups: dict[Any, list[tuple[bool, bool]]] = {}
+        for k in keys:
+            groups.setdefault(("key", episode[k]) if k in episode else ("pair", k), []).append((ref[k], results[k]))
+        cells = [0.0, 0.0, 0.0, 0.0]  # both, reference only, config only, neither
+        for pairs in groups.values():
+            for r, c in pairs:
+                cells[(0 if c else 1) if r else (2 if c else 3)] += 1 / len(pairs)
+        both, ref_only, cfg_only, neither = (_count(x) for x in cells)
+        d, lo, hi = paired_difference(both, ref_only, cfg_only, neither)
+        rows.append({"config": config, "reference": reference, "pairs": len(keys), "distinct_pairs": len(groups),
+                     "both": both, "reference_only": ref_only, "config_only": cfg_only, "difference": d,
                      "difference_lo": lo, "difference_hi": hi})
     return rows
+
+
+def _count(x: float) -> float | int:
+    """A cell count: an int when whole (up to rounding), else the fraction."""
+    return int(round(x)) if abs(x - round(x)) < 1e-9 else x
 
 
 def print_paired(rows: Sequence[Mapping[str, Any]], console: Any, title: str) -> None:
@@ -95,11 +116,11 @@ def print_paired(rows: Sequence[Mapping[str, Any]], console: Any, title: str) ->
     from rich.table import Table
 
     table = Table(title=title, box=box.SIMPLE_HEAVY)
-    for name in ("config", "pairs", "both succeed", f"only {rows[0]['reference']}", "only config",
+    for name in ("config", "pairs", "distinct", "both succeed", f"only {rows[0]['reference']}", "only config",
                  "success difference [95% CI]"):
         table.add_column(name, justify="left" if name == "config" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(str(r["config"]), str(r["pairs"]), str(r["both"]), str(r["reference_only"]),
-                      str(r["config_only"]),
+        table.add_row(str(r["config"]), str(r["pairs"]), str(r.get("distinct_pairs", r["pairs"])),
+                      f"{r['both']:g}", f"{r['reference_only']:g}", f"{r['config_only']:g}",
                       f"{r['difference']:+.3f} [{r['difference_lo']:+.3f}, {r['difference_hi']:+.3f}]")
     console.print(table)

@@ -1,4 +1,16 @@
-"""Summaries of episode records: per-config table, summary JSON and a success-vs-FLOPs Pareto plot."""
+"""Summaries of episode records: per-config table, summary JSON and a success-vs-FLOPs Pareto plot.
+
+Distinct episodes (issue 23). Two seeds can give the same episode (MemoryRecallS13's 40 evaluation seeds give 2), and
+a deterministic configuration then replays it: counting both as evidence overstates it. Every episode record
+carries `episode_key`, a hash of its initial state and mission (`thrifty.envs.seeds.episode_key`), and a
+configuration's success is computed over its *distinct* episodes: the records of one key are one episode, scoring
+the mean success of its records (1 or 0 for a deterministic configuration; a fraction for a random one, e.g. random
+pruning solving one of its two replays scores 0.5). `success` is the mean of those scores, and its 95% Wilson
+interval has n = the number of distinct episodes and the summed scores as successes. A record without
+`episode_key` (results written before it existed, or suites that do not set it) is its own distinct episode, so
+such results are summarized exactly as before. Rows report `episodes` (records) and `distinct_episodes`;
+`collapse_warning` (printed under every table) names the rows whose seeds collapsed.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +24,10 @@ from typing import Any
 
 __all__ = [
     "wilson_interval",
+    "distinct_groups",
+    "distinct_success",
+    "collapse_warning",
+    "EPISODE_KEY",
     "summarize",
     "print_table",
     "latency_note",
@@ -29,6 +45,7 @@ ROW_FIELDS = (
     "config",
     "level",
     "episodes",
+    "distinct_episodes",
     "success",
     "success_lo",
     "success_hi",
@@ -44,10 +61,14 @@ ROW_FIELDS = (
 
 _MB = float(2**20)
 
+EPISODE_KEY = "episode_key"
+"""The field of an episode record that identifies its episode (initial state and mission)."""
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; ``(0.0, 1.0)`` when ``n == 0``."""
-    if n < 0 or successes < 0 or successes > n:
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; ``(0.0, 1.0)`` when ``n == 0``. `successes` may be
+    fractional (summed per-episode scores over distinct episodes, module doc): the interval at that proportion."""
+    if n < 0 or successes < 0 or successes > n + 1e-9:
         raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
     if n == 0:
         return (0.0, 1.0)
@@ -75,15 +96,52 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def distinct_groups(episodes: Iterable[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """The records grouped by `episode_key`, in order of first appearance; a record without one (None or missing)
+    is a group of its own."""
+    groups: dict[tuple[str, Any], list[Mapping[str, Any]]] = {}
+    for i, ep in enumerate(episodes):
+        key = ep.get(EPISODE_KEY)
+        groups.setdefault(("key", key) if key is not None else ("row", i), []).append(ep)
+    return list(groups.values())
+
+
+def distinct_success(episodes: Iterable[Mapping[str, Any]]) -> tuple[float, int]:
+    """``(score, n)``: n distinct episodes among the records that report `success`, and the sum over them of each
+    one's mean success (a record succeeds when its `success` is > 0.5). ``(0.0, 0)`` without any."""
+    scored = [e for e in episodes if _num(e, "success") is not None]
+    groups = distinct_groups(scored)
+    score = sum(sum(_num(e, "success") > 0.5 for e in g) / len(g) for g in groups)
+    return float(score), len(groups)
+
+
+def collapse_warning(rows: Sequence[Mapping[str, Any]], where: str = "level") -> str | None:
+    """The rows whose seeds gave fewer distinct episodes than records, one clause per (`where` field, records,
+    distinct), or None: "MemoryRecallS13: 40 seeds gave 2 distinct episodes (13 configs: full, ...)"."""
+    collapsed: dict[tuple[Any, Any, Any], list[str]] = {}
+    for r in rows:
+        n, d = r.get("episodes"), r.get("distinct_episodes")
+        if n is not None and d is not None and d < n:
+            collapsed.setdefault((r.get(where), n, d), []).append(str(r.get("config")))
+    if not collapsed:
+        return None
+    lines = []
+    for (level, n, d), configs in collapsed.items():
+        names = ", ".join(configs[:3]) + (", ..." if len(configs) > 3 else "")
+        place = "all levels" if level == "all" else str(level) if where == "level" else f"{where} {level}"
+        lines.append(f"{place}: {n} seeds gave {d} distinct episodes ({len(configs)} config"
+                     f"{'s' if len(configs) > 1 else ''}: {names})")
+    return ("seeds collapse, so success and its interval count each distinct episode once: " + "; ".join(lines))
+
+
 def _row(config: Any, level: Any, eps: list[Mapping[str, Any]]) -> dict[str, Any]:
     def vals(field: str) -> list[float]:
         return [x for x in (_num(e, field) for e in eps) if x is not None]
 
-    succ = vals("success")
-    if succ:
-        k = sum(1 for s in succ if s > 0.5)
-        rate: float | None = k / len(succ)
-        lo, hi = wilson_interval(k, len(succ))
+    score, n = distinct_success(eps)
+    if n:
+        rate: float | None = score / n
+        lo, hi = wilson_interval(score, n)
     else:
         rate, lo, hi = None, None, None
 
@@ -107,6 +165,7 @@ def _row(config: Any, level: Any, eps: list[Mapping[str, Any]]) -> dict[str, Any
         "config": config,
         "level": level,
         "episodes": len(eps),
+        "distinct_episodes": len(distinct_groups(eps)),
         "success": rate,
         "success_lo": lo,
         "success_hi": hi,
@@ -183,7 +242,7 @@ def latency_note(episodes: Iterable[Mapping[str, Any]]) -> str:
 def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: str = "thrifty benchmark",
                 caption: str | None = None):
     """Print the rows as a rich table (to ``console``; default stdout, 160 columns when not a terminal), with
-    `caption` (e.g. `latency_note`) under it.
+    `caption` (e.g. `latency_note`) under it and, when seeds collapsed, the `collapse_warning`.
 
     Returns the :class:`rich.table.Table`.
     """
@@ -202,6 +261,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: s
         table.add_column("level")
     for name in (
         "episodes",
+        "distinct",
         "success [95% CI]",
         "steps",
         "decisions",
@@ -220,6 +280,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: s
         lat = r.get("latency_median_s")
         cells += [
             str(r.get("episodes", "–")),
+            str(r.get("distinct_episodes", "–")),
             _fmt_success(r),
             _fmt(r.get("steps"), ".1f"),
             _fmt(r.get("decisions"), ".1f"),
@@ -232,6 +293,9 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: s
         ]
         table.add_row(*cells)
     console.print(table)
+    warning = collapse_warning(rows)
+    if warning:
+        console.print(f"[bold yellow]warning:[/] {warning}")
     return table
 
 

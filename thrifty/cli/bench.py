@@ -1,4 +1,5 @@
-"""`thrifty bench`, `suites`, `techniques`, `play`: run the closed-loop suites and look at what is registered."""
+"""`thrifty bench`, `suites`, `techniques`, `play`, `memory-level`: run the closed-loop suites, look at what is
+registered, and check a memory level."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def bench(
                                get_suite, pareto_plot, print_table, run_jobs, summarize, write_summary_json)
     from thrifty.bench.paired import paired_rows, print_paired
     from thrifty.bench.report import latency_note
-    from thrifty.bench.suites import check_configs, check_levels, with_pruner
+    from thrifty.bench.suites import SeedsCollapseError, check_configs, check_levels, with_pruner
     from thrifty.techniques.token_pruning import PrunerMismatchError
     from thrifty.envs import UnknownLevelError
 
@@ -68,7 +69,9 @@ def bench(
     try:
         spec = get_suite(suite)
         levels = check_levels(level)
-    except (UnknownSuiteError, UnknownLevelError) as e:
+        if episodes is None:  # the suite's own seeds: refused below the distinct-episode floor it states
+            spec.check_distinct(levels)
+    except (UnknownSuiteError, UnknownLevelError, SeedsCollapseError) as e:
         fail(str(e))
     model_dir = Path(model) if model else (spec.model or SHIPPED_PLANNER)
     try:
@@ -128,7 +131,7 @@ def suites() -> None:
     for s in SUITES.values():
         configs = ", ".join(c.name for c in s.configs)
         console.print(f"[bold]{s.name}[/]: {s.description}\n  configs: {configs}; levels: {', '.join(s.levels)}; "
-                      f"{s.episodes} episodes each")
+                      f"{s.episodes} episodes each, at least {s.distinct_floor} distinct per level")
     from thrifty.bench.policy_suites import POLICY_SUITES
 
     for s in POLICY_SUITES.values():
@@ -168,6 +171,37 @@ def play(
     console.print(f"mission: {r['mission']}\nactions: {' '.join(r['actions'])}\n"
                   f"success: {r['success']} in {r['steps']} steps, {r['decisions']} decisions, "
                   f"{r['tokens_context_max']} context tokens at the end")
+
+
+@app.command("memory-level")
+def memory_level_cmd(
+    level: str = typer.Option("MemoryVaried", help="memory level (MemoryVaried, MemoryRecallS13, MemoryS13, ...)"),
+    episodes: int = typer.Option(200, min=1, help="evaluation seeds eval_seed(0..N-1)"),
+    out: Optional[Path] = typer.Option(None, help="also write the figures to this JSON file"),
+) -> None:
+    """Whether a memory level tests memory: distinct episodes over its evaluation seeds, the expert's success (acting
+    only on what it has seen) and the cue-blind expert's (chance on MemoryVaried); docs/memory_level.md."""
+    from thrifty.bench.memory_level import measure_memory_level
+    from thrifty.envs import UnknownLevelError
+
+    try:
+        figures = measure_memory_level(level, episodes)
+    except UnknownLevelError as e:
+        fail(str(e))
+
+    def success(name: str) -> str:
+        s, ci = figures[f"{name}_success"], figures[f"{name}_success_ci95"]
+        return "– (no cue-blind expert for this level)" if s is None else f"{s:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    console.print(f"[bold]{level}[/] over eval_seed(0..{episodes - 1}):\n"
+                  f"  distinct episodes: {figures['distinct_episodes']} of {episodes} "
+                  f"({figures['distinct_fraction']:.3f})\n"
+                  f"  expert success [95% CI]: {success('expert')}\n"
+                  f"  cue-blind expert success [95% CI]: {success('blind')}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(figures, indent=2) + "\n")
+        console.print(f"figures: {out}")
 
 
 def _write_card(model_dir: Path, rows: list[dict], command: str, suite: str, n_jobs: int) -> None:

@@ -40,8 +40,9 @@ from minigrid.envs.memory import MemoryEnv
 from minigrid.utils.baby_ai_bot import BabyAIBot
 
 from thrifty.envs.babyai_levels import UnknownLevelError, babyai_id, unknown_level
-from thrifty.envs.memory_expert import MemoryExpert
-from thrifty.envs.seeds import EVAL_SEED_BASE, eval_seed, train_seed  # noqa: F401  (re-exported)
+from thrifty.envs.memory_expert import MemoryExpert, VariedMemoryExpert
+from thrifty.envs.memory_varied import MemoryVariedEnv  # (registers thrifty/MemoryVaried-v0)
+from thrifty.envs.seeds import EVAL_SEED_BASE, episode_key, eval_seed, train_seed  # noqa: F401  (re-exported)
 
 ACTIONS = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 """The 7 minigrid actions as words, in minigrid's index order."""
@@ -80,12 +81,16 @@ class _MemoryRecallEnv(MemoryEnv):
 
 gym.register("thrifty/MemoryRecallS13-v0", entry_point=_MemoryRecallEnv, kwargs={"size": 13})
 
-MEMORY_LEVELS = {"MemoryS13": "MiniGrid-MemoryS13-v0", "MemoryRecallS13": "thrifty/MemoryRecallS13-v0"}
+MEMORY_LEVELS = {"MemoryS13": "MiniGrid-MemoryS13-v0", "MemoryRecallS13": "thrifty/MemoryRecallS13-v0",
+                 "MemoryVaried": "thrifty/MemoryVaried-v0"}
 """Levels whose decisions need old context: MiniGrid's Memory task (see `thrifty.envs.memory_expert`). Not in
 `LEVELS`, so the BabyAI planner's recipe and suites are unchanged; the `memory` suite and planner use them.
 In MemoryS13 the agent starts anywhere in the hallway and the junction's objects are placed at random, so the turn
-is the cue XOR the placement; MemoryRecallS13 (`_MemoryRecallEnv`) makes it a recall of the first observation."""
-LEVEL_MAX_STEPS = {"MemoryS13": 96, "MemoryRecallS13": 96}
+is the cue XOR the placement; MemoryRecallS13 (`_MemoryRecallEnv`) makes it a recall of the first observation, but
+its seeds give only two distinct episodes (kept for reference: the shipped memory planner was trained on it).
+MemoryVaried (`thrifty.envs.memory_varied`) varies everything but the task: hallway length, start, cue type and
+colour, distractors, junction arms; no planner is trained on it yet (issue 23)."""
+LEVEL_MAX_STEPS = {"MemoryS13": 96, "MemoryRecallS13": 96, "MemoryVaried": 96}
 """Step caps replacing minigrid's default (5 x 13^2 = 845 for MemoryS13; the expert needs at most ~40)."""
 
 _DIRECTIONS = ("east", "south", "west", "north")
@@ -108,6 +113,18 @@ def level_id(level: str) -> str:
         raise unknown_level(level, list(known))
     return found
 
+
+
+def episode_keys(level: str, seeds) -> list[str]:
+    """The `BabyAITextEnv.episode_key` of each seed's episode of `level`, by resetting the env only (no model, no
+    steps): how many distinct episodes a list of seeds gives is `len(set(episode_keys(level, seeds)))`."""
+    env = BabyAITextEnv(level)
+    keys = []
+    for seed in seeds:
+        env.reset(seed=seed)
+        keys.append(env.episode_key)
+    env.close()
+    return keys
 
 
 def _offset(i: int, j: int) -> str:
@@ -190,6 +207,7 @@ class BabyAITextEnv(gym.Env):
         self.observation_space = spaces.Text(max_length=2048)
         self._bot: BabyAIBot | None = None
         self.mission = ""
+        self.episode_key: str | None = None
 
     @property
     def max_steps(self) -> int:
@@ -202,8 +220,16 @@ class BabyAITextEnv(gym.Env):
         reason = unexpressed(self._env.unwrapped)
         if reason is not None:
             raise UnknownLevelError(f"level {self.level!r} cannot be played as text: {reason}")
-        memory = self.level_id in MEMORY_LEVELS.values()
-        self._bot = MemoryExpert(self._env.unwrapped) if memory else BabyAIBot(self._env.unwrapped)
+        unwrapped = self._env.unwrapped
+        # which episode this is: a hash of the level, initial grid, start pose and mission
+        self.episode_key = episode_key(self.level_id, unwrapped.grid.encode(), tuple(unwrapped.agent_pos),
+                                       int(unwrapped.agent_dir), self.mission)
+        if isinstance(unwrapped, MemoryVariedEnv):
+            self._bot = VariedMemoryExpert(unwrapped)
+        elif self.level_id in MEMORY_LEVELS.values():
+            self._bot = MemoryExpert(unwrapped)
+        else:
+            self._bot = BabyAIBot(unwrapped)
         self._expert_next: str | None = None
         self._last_taken: int | None = None
         text = render_observation(obs["image"], int(obs["direction"]))
@@ -221,13 +247,13 @@ class BabyAITextEnv(gym.Env):
         """Whether the expert's next action depends on something no longer in view (MemoryS13: the cue, at the
         junction); always False on the BabyAI levels, whose bot acts on the current state."""
         self.expert_action()
-        return isinstance(self._bot, MemoryExpert) and self._bot.needs_cue()
+        return isinstance(self._bot, (MemoryExpert, VariedMemoryExpert)) and self._bot.needs_cue()
 
     def expert_has_seen_cue(self) -> bool:
         """Whether the Memory expert has seen the cue yet (at or before the current observation); always False on
         the BabyAI levels."""
         self.expert_action()
-        return isinstance(self._bot, MemoryExpert) and self._bot.cue_seen
+        return isinstance(self._bot, (MemoryExpert, VariedMemoryExpert)) and self._bot.cue_seen
 
     def step(self, action: int):
         if not self.action_space.contains(int(action)):

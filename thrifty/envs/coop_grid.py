@@ -41,6 +41,7 @@ from minigrid.core.world_object import Ball, Box, Door, Key
 from pettingzoo import ParallelEnv
 
 from thrifty.envs.babyai_text import render_observation
+from thrifty.envs.seeds import episode_key
 
 MIN_ROBOTS, MAX_ROBOTS = 2, 8
 MIN_TARGETS, MAX_TARGETS = 1, 4
@@ -198,6 +199,12 @@ class CoopGridEnv(ParallelEnv):
         self._update_explored()
         infos = {a: self._info(a, seen_now[a], []) for a in self.agents}
         return obs, infos
+
+    def episode_key(self) -> str:
+        """Which episode this is (call right after `reset`): a hash of the layout, the grid, every robot's start pose
+        and the mission (`thrifty.envs.seeds.episode_key`)."""
+        poses = tuple((tuple(int(v) for v in self.pos[a]), int(self.dir[a])) for a in self.possible_agents)
+        return episode_key("coop_grid", self.rows, self.cols, self.room_size, self.grid.encode(), poses, self.mission)
 
     def _build(self, rng: np.random.Generator) -> None:
         s = self.room_size - 1
