@@ -145,3 +145,25 @@ def test_a_model_refuses_a_domain_it_was_not_built_for(tmp_path):
         ActionModelConfig("xlstm", domains=("atari",))
     with pytest.raises(ValueError, match="max_state_dim >= 151"):
         ActionModelConfig("xlstm", domains=("metaworld", "babyai"))
+
+
+def test_profile_command_writes_rows_and_plot_and_refuses_unknown_arms(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from thrifty.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "profile.json"
+    r = runner.invoke(app, ["profile-action-models", "--arch", "xlstm", "--arch", "dt-window3", "--contexts", "4,8",
+                            "--repeats", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    for arch in ("xlstm", "dt-window3"):  # 4, then 4 + 6 timed steps: contexts closer than that start later
+        assert [row["context_steps"] for row in rows if row["arch"] == arch] == [4, 10]
+    assert out.with_suffix(".png").stat().st_size > 0
+    for bad in ("dt-compiled", "gru", "xlstm-window4"):
+        r = runner.invoke(app, ["profile-action-models", "--arch", bad, "--out", str(out)])
+        assert r.exit_code == 2 and "unknown arm" in r.output, bad

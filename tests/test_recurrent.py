@@ -63,6 +63,22 @@ def test_mamba_parallel_forward_runs_through_thrifty_scan(monkeypatch):
     assert len(calls) == CONFIGS["mamba"].layers
 
 
+def test_compiled_steps_equal_eager_steps():
+    """torch.compile'd stepping (fixed-shape state) gives the eager outputs (a 1-block xLSTM keeps it quick)."""
+    torch.manual_seed(0)
+    cfg = RecurrentConfig("xlstm", d_model=16, layers=1, heads=2, context_length=8)
+    eager, compiled = build_recurrent(cfg).eval(), build_recurrent(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_step()
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        s1 = s2 = None
+        for t in range(x.shape[1]):
+            y1, s1 = eager.step(x[:, t:t + 1], s1)
+            y2, s2 = compiled.step(x[:, t:t + 1], s2)
+            assert (y1 - y2).abs().max().item() <= 1e-5, t
+
+
 def test_mamba_state_bytes_match_a_hand_count():
     model = build_recurrent(CONFIGS["mamba"]).eval()
     with torch.no_grad():

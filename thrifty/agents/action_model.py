@@ -281,19 +281,27 @@ class ActionModelPolicy:
     `target_returns[task]` is the return the model is conditioned on at the first step (from the card: the best
     training return of that task); R_t then decreases by each reward received."""
 
-    def __init__(self, model: ActionModel, card: dict | None = None, window: int | None = None) -> None:
+    def __init__(self, model: ActionModel, card: dict | None = None, window: int | None = None,
+                 compile: bool = False) -> None:
         self.model, self.card = model.eval(), card or {}
         if window is not None and (model.cfg.arch != "dt" or window < 1):
             raise ValueError(f"a window (>= 1 step) applies to the transformer's KV cache only, not to "
                              f"{model.cfg.arch!r} (got {window})")
+        if compile:
+            if model.cfg.arch == "dt":
+                raise ValueError("compile applies to the recurrent models' fixed-shape steps (xlstm, mamba); the "
+                                 "transformer's KV cache grows every step")
+            model.backbone.compile_step()
         self.window = window if window is not None else model.cfg.window
-        self.name = f"lram-{model.cfg.arch}" + (f"-window{self.window}" if self.window else "")
+        self.name = (f"lram-{model.cfg.arch}" + (f"-window{self.window}" if self.window else "")
+                     + ("-compiled" if compile else ""))
         self.target_returns = self.card.get("target_returns", {})
         self._per_token = None
 
     @classmethod
-    def load(cls, path: str | Path, arch: str | None = None, window: int | None = None) -> "ActionModelPolicy":
-        return cls(*load_action_model(path, arch), window=window)
+    def load(cls, path: str | Path, arch: str | None = None, window: int | None = None,
+             compile: bool = False) -> "ActionModelPolicy":
+        return cls(*load_action_model(path, arch), window=window, compile=compile)
 
     def reset(self, task: str, instruction: str) -> None:
         if self.target_returns and task not in self.target_returns:

@@ -6,6 +6,8 @@ grow with the context. Both adapters here take and return embeddings, not token 
 
     forward(x)        x (B, T, D) -> y (B, T, D)                     parallel (training)
     step(x, state)    x (B, 1, D) -> y (B, 1, D), new state          recurrent (acting); state=None starts fresh
+    compile_step()    later steps run through torch.compile          (the state's shapes never change, so one
+                                                                      compiled graph serves every context length)
     state_bytes(state)                                               bytes the state holds (constant in T)
 
 Invariant (tests/test_recurrent.py): stepping through a sequence gives the parallel forward's output (<= 1e-5).
@@ -78,7 +80,23 @@ class RecurrentConfig:
             raise ValueError(f"need positive sizes and d_model divisible by heads, got {self}")
 
 
-class XLSTMBackbone(nn.Module):
+class _Stepping(nn.Module):
+    """`step` eagerly, or through torch.compile once `compile_step()` was called (the first step of a sequence,
+    state=None, stays eager: its inputs have another structure)."""
+
+    _compiled = None
+
+    def compile_step(self) -> "_Stepping":
+        self._compiled = torch.compile(self._step, dynamic=False)
+        return self
+
+    def step(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        if self._compiled is not None and state is not None:
+            return self._compiled(x, state)
+        return self._step(x, state)
+
+
+class XLSTMBackbone(_Stepping):
     """An `xlstm.xLSTMBlockStack` (Beck et al., 2024): mLSTM blocks, sLSTM blocks where `slstm_at` says."""
 
     def __init__(self, cfg: RecurrentConfig) -> None:
@@ -107,7 +125,7 @@ class XLSTMBackbone(nn.Module):
                              f"{self.cfg.context_length} (context_length); step() has no such bound")
         return self.stack(x)
 
-    def step(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+    def _step(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """x (B, 1, D) -> y (B, 1, D), state (per block: conv and mLSTM (C, n, m) or sLSTM states)."""
         return self.stack.step(x, state)
 
@@ -153,7 +171,7 @@ def _thrifty_scan():
         modeling.mamba_selective_scan = original
 
 
-class MambaBackbone(nn.Module):
+class MambaBackbone(_Stepping):
     """`transformers.MambaModel` (Gu and Dao, 2023) over embeddings; stepping carries its conv and SSM cache.
 
     The parallel forward uses transformers' Mamba layers with thrifty's `selective_scan` for the scan (equal to
@@ -175,7 +193,7 @@ class MambaBackbone(nn.Module):
         with _thrifty_scan():
             return self.model(inputs_embeds=x, use_cache=False).last_hidden_state
 
-    def step(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+    def _step(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         out = self.model(inputs_embeds=x, use_cache=True, **{self._cache_arg: state})
         cache = getattr(out, "cache", None) or getattr(out, "cache_params", None) or getattr(out, "past_key_values")
         return out.last_hidden_state, cache

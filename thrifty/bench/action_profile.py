@@ -6,8 +6,11 @@ steps are timed (the first `warmup` discarded, the median kept). Recurrent model
 (their state is all they keep); the transformer reads it in chunks through its KV cache (the whole history, or
 the last `window` steps). An arm stops growing L once a step exceeds `time_limit_s` or its state/KV exceeds
 `memory_limit_mb`, and the table says so. Batch size B emulates LRAM's batched inference (B rows stepped at once).
+An arm `xlstm-compiled` / `mamba-compiled` steps through torch.compile (`compile_step()`); its compilation happens
+in the warm-up steps, whose time is in `warmup_s`.
 Rows: arch, batch, context_steps, latency_median_s, flops_per_step (analytic, backbone matmuls + attention),
-state_bytes (recurrent state or KV cache), prefill_s (time to read the history), stopped (a reason, or None).
+state_bytes (recurrent state or KV cache), prefill_s (time to read the history), warmup_s, stopped (a reason, or
+None).
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ class _Stepper:
 
 @torch.inference_mode()
 def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window: int | None = None,
-                repeats: int = 25, warmup: int = 5, limits: ProfileLimits | None = None, progress=None) -> list[dict]:
+                repeats: int = 25, warmup: int = 5, limits: ProfileLimits | None = None, progress=None,
+                label: str | None = None) -> list[dict]:
     """Rows for one architecture and batch size over increasing context lengths (in environment steps).
 
     Before the first context, 30 steps on a throwaway state warm the process up (first calls, allocator), so the
@@ -77,17 +81,19 @@ def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window:
     limits = limits or ProfileLimits()
     d = model.cfg.d_model
     spare = _Stepper(model, window)
+    t0 = time.perf_counter()
     for _ in range(30 if warmup else 0):
         spare.feed(torch.zeros(batch, TOKENS_PER_STEP, d), chunk=TOKENS_PER_STEP)
+    warmup_s = time.perf_counter() - t0
     stepper, seen, rows = _Stepper(model, window), 0, []
     g = torch.Generator().manual_seed(0)
     for L in sorted(contexts):
-        history = torch.randn(batch, TOKENS_PER_STEP * (L - seen), d, generator=g)
+        history = torch.randn(batch, TOKENS_PER_STEP * max(0, L - seen), d, generator=g)
         t0 = time.perf_counter()
         if history.shape[1]:
             stepper.feed(history, chunk=1024)
         prefill = time.perf_counter() - t0
-        seen = L
+        seen = max(L, seen)  # the context the timed steps start from (>= L when contexts are close together)
         times = []
         for r in range(warmup + repeats):
             x = torch.randn(batch, TOKENS_PER_STEP, d, generator=g)
@@ -105,15 +111,15 @@ def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window:
             stopped = f"state {nbytes / 2**20:.0f} MB > {limits.memory_limit_mb:.0f} MB"
         elif prefill > limits.prefill_limit_s:
             stopped = f"history read in {prefill:.0f} s > {limits.prefill_limit_s:.0f} s"
-        rows.append({"arch": model.cfg.arch + (f"-window{window}" if window else ""), "batch": batch,
-                     "context_steps": L, "latency_median_s": latency, "flops_per_step": flops,
-                     "state_bytes": nbytes, "prefill_s": prefill, "stopped": stopped,
+        rows.append({"arch": label or model.cfg.arch + (f"-window{window}" if window else ""), "batch": batch,
+                     "context_steps": seen, "latency_median_s": latency, "flops_per_step": flops,
+                     "state_bytes": nbytes, "prefill_s": prefill, "warmup_s": warmup_s, "stopped": stopped,
                      "threads": torch.get_num_threads()})
         if progress:
             progress(rows[-1])
         if stopped:
             break
-        seen = L + warmup + repeats  # the context the next length starts from
+        seen += warmup + repeats  # the context the next length starts from
     return rows
 
 

@@ -212,7 +212,8 @@ def profile_action_models_cmd(
                                          "the shipped ones); an untrained model of the recipe's size when absent"),
     contexts: str = typer.Option("50,200,1000,4000,8000,16000,32000", help="context lengths in environment steps"),
     batches: str = typer.Option("1", help="batch sizes, e.g. 1,8,64 (LRAM's emulated batched inference)"),
-    arch: Optional[list[str]] = typer.Option(None, help="architectures (default xlstm, mamba, dt, dt-window50)"),
+    arch: Optional[list[str]] = typer.Option(None, help="arms: xlstm, mamba, dt, dt-windowN, xlstm-compiled, "
+                                             "mamba-compiled (default xlstm, xlstm-compiled, mamba, dt, dt-window50)"),
     repeats: int = typer.Option(25, min=1, help="timed steps per context (median kept; 5 more warm-up ones)"),
     time_limit: float = typer.Option(0.5, help="stop an arm once a step takes longer (seconds)"),
     memory_limit_mb: float = typer.Option(2048.0, help="stop an arm once its state/KV is larger (MiB)"),
@@ -229,17 +230,21 @@ def profile_action_models_cmd(
     from thrifty.cli._app import comma_list
 
     torch.set_num_threads(threads)
-    arms = arch or ["xlstm", "mamba", "dt", "dt-window50"]
+    arms = arch or ["xlstm", "xlstm-compiled", "mamba", "dt", "dt-window50"]
     rows = []
     for name in arms:
-        base, _, window = name.partition("-window")
-        if base not in ("xlstm", "mamba", "dt") or (window and base != "dt"):
-            fail(f"unknown arm {name!r}: use xlstm, mamba, dt or dt-windowN")
+        stem, compiled = (name[: -len("-compiled")], True) if name.endswith("-compiled") else (name, False)
+        base, _, window = stem.partition("-window")
+        if (base not in ("xlstm", "mamba", "dt") or (window and (base != "dt" or not window.isdigit()))
+                or (compiled and base == "dt")):
+            fail(f"unknown arm {name!r}: use xlstm, mamba, dt, dt-windowN, xlstm-compiled or mamba-compiled")
         path = (models or ASSETS) / f"action_model_{base}"
         try:
             model = load_action_model(path, arch=base)[0] if path.exists() else ActionModel(ActionModelConfig(base))
         except ActionModelLoadError as e:
             fail(str(e))
+        if compiled:
+            model.backbone.compile_step()
         for b in comma_list(batches, int, "--batches"):
             def show(r):
                 console.print(f"{r['arch']:>14} batch {r['batch']:>3} context {r['context_steps']:>6}: "
@@ -247,7 +252,7 @@ def profile_action_models_cmd(
                               + (f"  stopped: {r['stopped']}" if r["stopped"] else ""))
             rows += profile_arm(model.eval(), list(comma_list(contexts, int, "--contexts")), batch=b,
                                 window=int(window) if window else None, repeats=repeats,
-                                limits=ProfileLimits(time_limit, memory_limit_mb), progress=show)
+                                limits=ProfileLimits(time_limit, memory_limit_mb), progress=show, label=name)
             write_summary_json(rows, out)
     plot = profile_plot(rows, out.with_suffix(".png"))
     console.print(f"rows: {out}\nplot: {plot}")
