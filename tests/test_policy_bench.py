@@ -168,3 +168,28 @@ def test_two_domain_action_model_trains_and_acts_in_both(tmp_path):
     r = runner.invoke(app, ["collect", "babyai", "--tasks", "GoToRedBallGrey", "--episodes", "2", "--out",
                             str(tmp_path / "x")])
     assert r.exit_code == 2 and "babyai-<Level>" in r.output
+
+
+def test_policy_summary_counts_distinct_episodes_once():
+    from thrifty.bench.policy_report import summarize_policy
+
+    rows = [{"config": "a", "level": "reach-v3", "success": s, "episode_key": k, "steps": 10, "flops_total": 0}
+            for s, k in ((True, "x"), (False, "x"), (True, "y"), (True, "z"))]
+    (row,) = summarize_policy(rows, by_task=False, reference=None)
+    assert (row["episodes"], row["distinct_episodes"]) == (4, 3)
+    assert row["success"] == pytest.approx((0.5 + 1 + 1) / 3)
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_SUITES))
+def test_every_policy_suite_plays_distinct_episodes_on_its_seeds(name):
+    """The floor of the policy suites: every evaluation seed of every task is an episode of its own."""
+    from thrifty.agents.policy import episode_key, make_env
+
+    suite = POLICY_SUITES[name]
+    jobs = suite.jobs()
+    for task in suite.tasks:
+        env = make_env(task, max_steps=suite.max_steps)
+        seeds = sorted({j.seed for j in jobs if j.level == task})
+        keys = {episode_key(env.reset(seed=s)[0]["state"], env.instruction) for s in seeds}
+        assert len(keys) == len(seeds) == suite.episodes, task
+        env.close()

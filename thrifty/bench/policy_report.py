@@ -1,6 +1,8 @@
 """Policy suite summaries: a table per task and overall, and success against FLOPs per step.
 
-Rows pool a configuration's episodes (per task, or over all tasks): success with its 95% Wilson interval, mean
+Rows pool a configuration's episodes (per task, or over all tasks): success with its 95% Wilson interval over
+distinct episodes (rows sharing an `episode_key`, the same initial state and instruction, count once, scored by
+their mean success; `thrifty.bench.report.distinct_success`), the number of distinct episodes, mean
 steps, FLOPs per step (all steps pooled), latency per step p50 and p90 (the medians over episodes of each episode's
 p50 and p90, warm-up steps left out: `thrifty.agents.policy.WARMUP_STEPS`), peak resident memory, the largest
 state/KV the policy carried, and the invalid actions clipped. Overall rows also give success relative to the
@@ -14,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from thrifty.bench.report import format_flops, wilson_interval
+from thrifty.bench.report import collapse_warning, distinct_success, format_flops, wilson_interval
 
 
 def _vals(eps, field):
@@ -28,11 +30,13 @@ def summarize_policy(episodes: Iterable[Mapping[str, Any]], by_task: bool = True
         groups.setdefault((e.get("config"), e.get("level") if by_task else "all"), []).append(e)
     rows = []
     for (config, task), eps in groups.items():
-        k, n = sum(bool(e.get("success")) for e in eps), len(eps)
-        lo, hi = wilson_interval(k, n)
+        n = len(eps)
+        k, distinct = distinct_success(eps)
+        lo, hi = wilson_interval(k, distinct)
         steps = sum(_vals(eps, "steps"))
         p50, p90, rss, kv = (_vals(eps, f) for f in ("wall_median_s", "wall_p90_s", "peak_rss_bytes", "kv_bytes_max"))
-        rows.append({"config": config, "task": task, "episodes": n, "success": k / n if n else None,
+        rows.append({"config": config, "task": task, "episodes": n, "distinct_episodes": distinct,
+                     "success": k / distinct if distinct else None,
                      "success_lo": lo, "success_hi": hi, "steps": steps / n if n else None,
                      "flops_per_step": sum(_vals(eps, "flops_total")) / steps if steps else None,
                      "latency_p50_s": statistics.median(p50) if p50 else None,
@@ -53,7 +57,7 @@ def print_policy_table(rows: Sequence[Mapping[str, Any]], console, title: str) -
 
     show_task = any(r["task"] != "all" for r in rows)
     table = Table(title=title, box=box.SIMPLE_HEAVY)
-    cols = ["config", *(["task"] if show_task else []), "episodes", "success [95% CI]", "vs expert", "steps",
+    cols = ["config", *(["task"] if show_task else []), "episodes", "distinct", "success [95% CI]", "vs expert", "steps",
             "FLOPs/step", "latency p50", "p90", "peak RSS", "state/KV", "invalid"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("config", "task") else "right", no_wrap=True)
@@ -64,6 +68,7 @@ def print_policy_table(rows: Sequence[Mapping[str, Any]], console, title: str) -
     for r in rows:
         rel = r.get("relative_to_reference")
         cells = [str(r["config"]), *([str(r["task"])] if show_task else []), str(r["episodes"]),
+                 str(r.get("distinct_episodes", r["episodes"])),
                  f"{r['success']:.2f} [{r['success_lo']:.2f}, {r['success_hi']:.2f}]",
                  "–" if rel is None else f"{rel:.2f}", f"{r['steps']:.1f}",
                  format_flops(r["flops_per_step"]) if r["flops_per_step"] else "0 (rules)",
@@ -72,6 +77,9 @@ def print_policy_table(rows: Sequence[Mapping[str, Any]], console, title: str) -
                  "–" if not r["state_kb"] else f"{r['state_kb']:.1f} KiB", str(r["invalid_actions"])]
         table.add_row(*cells)
     console.print(table)
+    warning = collapse_warning(rows, where="task")
+    if warning:
+        console.print(f"[yellow]warning: {warning}[/yellow]")
 
 
 def policy_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:

@@ -48,8 +48,8 @@ def _action_model(settings: dict):
     from thrifty.agents.action_model import ActionModelPolicy
 
     arch = settings["arch"]
-    return ActionModelPolicy.load(settings.get("path") or ASSETS / f"action_model_{arch}", arch=arch,
-                                  window=settings.get("window"))
+    return ActionModelPolicy.load(settings.get("path") or ASSETS / settings.get("model", f"action_model_{arch}"),
+                                  arch=arch, window=settings.get("window"), compile=settings.get("compile", False))
 
 
 POLICIES: dict[str, Callable[[dict], Any]] = {"expert": _expert, "bc-mlp": _bc_mlp, "action-model": _action_model}
@@ -94,6 +94,12 @@ POLICY_SUITES: dict[str, PolicySuite] = {
                          PolicyConfig("lram-dt", "action-model", {"arch": "dt"}),
                          PolicyConfig("lram-dt-window50", "action-model", {"arch": "dt", "window": 50})),
                         _mt10(), episodes=30),
+    "lram-2domain": PolicySuite("lram-2domain", "one Decision Transformer over two domains (LRAM's multi-domain "
+                                "layout): Meta-World MT10 and BabyAI UnlockLocal (grid observations, discrete "
+                                "actions), with the experts",
+                                (_EXPERT, PolicyConfig("lram-dt-2domain", "action-model",
+                                                       {"arch": "dt", "model": "action_model_dt_2domain"})),
+                                (*_mt10(), "babyai-UnlockLocal"), episodes=30),
     # metaworld-demo: what `make demo` adds, a few seconds: one policy row beside the planner's
     "metaworld-demo": PolicySuite("metaworld-demo", "the shipped BC MLP policy and the expert on three MT10 tasks",
                                   (_EXPERT, _BC), ("reach-v3", "drawer-close-v3", "button-press-topdown-v3"),
@@ -104,7 +110,8 @@ POLICY_SUITES: dict[str, PolicySuite] = {
 def with_policy_path(suite: PolicySuite, path: str | Path | None) -> PolicySuite:
     """The suite with its policies read from `path` (unchanged when None): a BC policy directory for `bc-mlp`
     configs, and for `action-model` configs a directory holding `action_model_<arch>` (what `thrifty train
-    action-model` writes under runs/action_models by default)."""
+    action-model` writes under runs/action_models by default), or the config's own `model` name such as
+    `action_model_dt_2domain`."""
     if path is None:
         return suite
 
@@ -112,8 +119,8 @@ def with_policy_path(suite: PolicySuite, path: str | Path | None) -> PolicySuite
         if c.policy == "bc-mlp":
             return PolicyConfig(c.name, c.policy, {**c.settings, "path": str(path)})
         if c.policy == "action-model":
-            return PolicyConfig(c.name, c.policy, {**c.settings,
-                                                   "path": str(Path(path) / f"action_model_{c.settings['arch']}")})
+            model = c.settings.get("model", f"action_model_{c.settings['arch']}")
+            return PolicyConfig(c.name, c.policy, {**c.settings, "path": str(Path(path) / model)})
         return c
 
     return PolicySuite(suite.name, suite.description, tuple(moved(c) for c in suite.configs), suite.tasks,
