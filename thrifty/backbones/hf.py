@@ -60,6 +60,12 @@ def _cache_argument(layer: torch.nn.Module) -> tuple[str, bool]:
     raise ModelLoadError(f"{type(layer).__name__}.forward names neither 'cache' nor 'past_key_values'")
 
 
+def _position_ids(positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """positions [q] (shared by the batch) or [B, q] -> position ids [1 or B, q]."""
+    positions = positions.to(device)
+    return positions[None] if positions.dim() == 1 else positions
+
+
 class HFDecoder:
     """A decoder-only causal LM, usable layer by layer. Build with `load(path)` or `from_model(model)`."""
 
@@ -203,8 +209,9 @@ class HFDecoder:
         return h if self._embed_mult is None else h * self._embed_mult
 
     def rotary(self, h: torch.Tensor, positions: torch.Tensor) -> RotaryTables:
-        """Rotary tables for original positions [q] (h [1, q, d] gives dtype/device), see `RotaryTables`."""
-        emb, pos = self._model.model.rotary_emb, positions.to(h.device)[None]
+        """Rotary tables for original positions [q], or [B, q] per row (h [B, q, d] gives dtype/device), see
+        `RotaryTables`."""
+        emb, pos = self._model.model.rotary_emb, _position_ids(positions, h.device)
         if self._traits.rotary_by_layer_type:
             return {t: emb(h, pos, t) for t in sorted(set(self.config.layer_types))}
         return emb(h, pos)
@@ -218,7 +225,7 @@ class HFDecoder:
         cache: Any,
         position_embeddings: RotaryTables | None = None,
     ) -> torch.Tensor:
-        """Decoder layer i on h [1, q, d] at positions [q] with additive mask [1, 1, q, k] -> [1, q, d].
+        """Decoder layer i on h [B, q, d] at positions [q] or [B, q] with additive mask [B|1, 1, q, k] -> [B, q, d].
 
         `cache` (or None) must offer `update(k, v, layer_idx)` returning all k keys/values of layer i,
         ordered like the mask's key axis. `position_embeddings` defaults to `rotary(h, positions)`.
@@ -230,9 +237,13 @@ class HFDecoder:
         if self._pass_use_cache:
             kwargs["use_cache"] = cache is not None
         out = self._model.model.layers[i](
-            h, attention_mask=mask, position_ids=positions.to(h.device)[None], position_embeddings=pe, **kwargs
+            h, attention_mask=mask, position_ids=_position_ids(positions, h.device), position_embeddings=pe, **kwargs
         )
         return out[0] if isinstance(out, (tuple, list)) else out
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """hidden [..., d] -> the model's final norm of it [..., d] (for heads other than the LM head)."""
+        return self._model.model.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> logits [..., vocab]: final norm, head, then the family's logit scaling/soft-cap."""

@@ -2,7 +2,8 @@
 
 from thrifty.techniques.base import (REGISTRY, DecisionContext, Full, LayerHook, Technique, UnknownTechniqueError,
                                      build, register)
-from thrifty.techniques import random_pruning, recency_pruning, sink_window, token_pruning  # noqa: F401  (register)
+from thrifty.techniques import (random_pruning, recency_pruning, sink_kv, sink_window,  # noqa: F401  (register)
+                                token_pruning)
 
 __all__ = ["REGISTRY", "DecisionContext", "Full", "LayerHook", "Technique", "UnknownTechniqueError", "build",
            "register"]
