@@ -92,7 +92,7 @@ class _Stepping(nn.Module):
 
     def step(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         if self._compiled is not None and state is not None:
-            return self._compiled(x, state)
+            return self._compiled(x.contiguous(), state)  # a slice's strides would force a recompile
         return self._step(x, state)
 
 

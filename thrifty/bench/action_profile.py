@@ -88,11 +88,23 @@ def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window:
     stepper, seen, rows = _Stepper(model, window), 0, []
     g = torch.Generator().manual_seed(0)
     for L in sorted(contexts):
-        history = torch.randn(batch, TOKENS_PER_STEP * max(0, L - seen), d, generator=g)
-        t0 = time.perf_counter()
-        if history.shape[1]:
-            stepper.feed(history, chunk=1024)
+        t0, todo = time.perf_counter(), max(0, L - seen)
+        while (todo > 0 and time.perf_counter() - t0 <= limits.prefill_limit_s  # read the history in pieces
+               and state_bytes(stepper.state) / 2**20 <= limits.memory_limit_mb):
+            piece = min(todo, 1024)
+            stepper.feed(torch.randn(batch, TOKENS_PER_STEP * piece, d, generator=g), chunk=1024)
+            todo, seen = todo - piece, seen + piece
         prefill = time.perf_counter() - t0
+        if todo > 0:
+            rows.append({"arch": label or model.cfg.arch + (f"-window{window}" if window else ""), "batch": batch,
+                         "context_steps": L, "latency_median_s": None, "flops_per_step": None,
+                         "state_bytes": state_bytes(stepper.state), "prefill_s": prefill, "warmup_s": warmup_s,
+                         "stopped": f"history of {L} steps not read within {limits.prefill_limit_s:.0f} s and "
+                                    f"{limits.memory_limit_mb:.0f} MB (reached {seen})",
+                         "threads": torch.get_num_threads()})
+            if progress:
+                progress(rows[-1])
+            break
         seen = max(L, seen)  # the context the timed steps start from (>= L when contexts are close together)
         times = []
         for r in range(warmup + repeats):
@@ -135,9 +147,12 @@ def profile_plot(rows: list[dict], path, title: str = "thrifty profile-action-mo
     ax_t, ax_m = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     arms = list(dict.fromkeys((r["arch"], r["batch"]) for r in rows))
     for i, (arch, batch) in enumerate(arms):
-        pts = [r for r in rows if (r["arch"], r["batch"]) == (arch, batch)]
+        pts = [r for r in rows if (r["arch"], r["batch"]) == (arch, batch) and r["latency_median_s"] is not None]
+        if not pts:
+            continue
         xs = [r["context_steps"] for r in pts]
-        label = f"{arch}, batch {batch}" + (" (stopped)" if pts[-1]["stopped"] else "")
+        stopped = any(r["stopped"] for r in rows if (r["arch"], r["batch"]) == (arch, batch))
+        label = f"{arch}, batch {batch}" + (" (stopped)" if stopped else "")
         ax_t.plot(xs, [r["latency_median_s"] * 1e3 for r in pts], marker="o", color=f"C{i % 10}", label=label)
         ax_m.plot(xs, [max(r["state_bytes"], 1) / 2**20 for r in pts], marker="o", color=f"C{i % 10}", label=label)
     for ax, name in ((ax_t, "latency per step (ms, median)"), (ax_m, "state / KV cache (MiB)")):

@@ -217,10 +217,15 @@ def profile_action_models_cmd(
     repeats: int = typer.Option(25, min=1, help="timed steps per context (median kept; 5 more warm-up ones)"),
     time_limit: float = typer.Option(0.5, help="stop an arm once a step takes longer (seconds)"),
     memory_limit_mb: float = typer.Option(2048.0, help="stop an arm once its state/KV is larger (MiB)"),
+    prefill_limit: float = typer.Option(300.0, help="stop an arm once reading a context's history takes longer (s)"),
     threads: int = typer.Option(1, min=1),
-    out: Path = typer.Option(Path("results/action_models_profile.json"), help="rows (JSON); the plot beside it"),
+    out: Path = typer.Option(Path("results/action_models_profile.json"), help="rows (JSON, written after every "
+                             "row); the plot beside it. Arms already in it are kept and skipped (resume)"),
+    fresh: bool = typer.Option(False, help="ignore the rows already in OUT and measure every arm again"),
 ) -> None:
     """Per-step latency and state/KV memory of xLSTM, Mamba and the DT against context length and batch size."""
+    import json
+
     import torch
 
     from thrifty.agents.action_model import ActionModel, ActionModelConfig, ActionModelLoadError, load_action_model
@@ -231,13 +236,34 @@ def profile_action_models_cmd(
 
     torch.set_num_threads(threads)
     arms = arch or ["xlstm", "xlstm-compiled", "mamba", "dt", "dt-window50"]
-    rows = []
+    ctx = sorted(comma_list(contexts, int, "--contexts"))
+    sizes = list(comma_list(batches, int, "--batches"))
+    for name in arms:
+        stem = name[: -len("-compiled")] if name.endswith("-compiled") else name
+        base, _, window = stem.partition("-window")
+        if (base not in ("xlstm", "mamba", "dt") or (window and (base != "dt" or not window.isdigit()))
+                or (name.endswith("-compiled") and base == "dt")):
+            fail(f"unknown arm {name!r}: use xlstm, mamba, dt, dt-windowN, xlstm-compiled or mamba-compiled")
+    rows: list[dict] = []
+    if out.exists() and not fresh:
+        try:
+            rows = json.loads(out.read_text())
+            assert isinstance(rows, list) and all({"arch", "batch", "context_steps"} <= set(r) for r in rows)
+        except (json.JSONDecodeError, AssertionError):
+            fail(f"{out} is not a profile-action-models rows file; pass another --out, or --fresh to overwrite it")
+
+    def show(r):
+        lat = "      –" if r["latency_median_s"] is None else f"{r['latency_median_s'] * 1e3:8.2f}"
+        console.print(f"{r['arch']:>14} batch {r['batch']:>3} context {r['context_steps']:>6}: {lat} ms/step, "
+                      f"{r['state_bytes'] / 2**20:8.2f} MiB" + (f"  stopped: {r['stopped']}" if r["stopped"] else ""))
+
     for name in arms:
         stem, compiled = (name[: -len("-compiled")], True) if name.endswith("-compiled") else (name, False)
         base, _, window = stem.partition("-window")
-        if (base not in ("xlstm", "mamba", "dt") or (window and (base != "dt" or not window.isdigit()))
-                or (compiled and base == "dt")):
-            fail(f"unknown arm {name!r}: use xlstm, mamba, dt, dt-windowN, xlstm-compiled or mamba-compiled")
+        todo = [b for b in sizes if not any((r["arch"], r["batch"]) == (name, b) for r in rows)]
+        if not todo:
+            console.print(f"{name}: already in {out} (skipped; --fresh measures it again)")
+            continue
         path = (models or ASSETS) / f"action_model_{base}"
         try:
             model = load_action_model(path, arch=base)[0] if path.exists() else ActionModel(ActionModelConfig(base))
@@ -245,14 +271,15 @@ def profile_action_models_cmd(
             fail(str(e))
         if compiled:
             model.backbone.compile_step()
-        for b in comma_list(batches, int, "--batches"):
-            def show(r):
-                console.print(f"{r['arch']:>14} batch {r['batch']:>3} context {r['context_steps']:>6}: "
-                              f"{r['latency_median_s'] * 1e3:8.2f} ms/step, {r['state_bytes'] / 2**20:8.2f} MiB"
-                              + (f"  stopped: {r['stopped']}" if r["stopped"] else ""))
-            rows += profile_arm(model.eval(), list(comma_list(contexts, int, "--contexts")), batch=b,
-                                window=int(window) if window else None, repeats=repeats,
-                                limits=ProfileLimits(time_limit, memory_limit_mb), progress=show, label=name)
-            write_summary_json(rows, out)
+        for b in todo:
+            def keep(r):
+                show(r)
+                write_summary_json(rows + arm_rows + [r], out)
+                arm_rows.append(r)
+
+            arm_rows: list[dict] = []
+            profile_arm(model.eval(), ctx, batch=b, window=int(window) if window else None, repeats=repeats,
+                        limits=ProfileLimits(time_limit, memory_limit_mb, prefill_limit), progress=keep, label=name)
+            rows += arm_rows
     plot = profile_plot(rows, out.with_suffix(".png"))
     console.print(f"rows: {out}\nplot: {plot}")
