@@ -125,6 +125,9 @@ def test_multi_domain_vocabulary_keeps_discrete_and_continuous_ids_apart():
     cont = model.targets(torch.tensor([[-1.0, -0.999, 0.0, 1.0]]), "metaworld")
     assert cont.min() >= 7 and cont.max() < 263  # continuous bins sit after the 7 discrete ids
     assert model.targets(torch.tensor([[3.0]]), "babyai").tolist() == [[3]]
+    for bad in (7.0, -1.0, 2.5):
+        with pytest.raises(ValueError, match=r"whole numbers in \[0, 7\)"):
+            model.targets(torch.tensor([[bad]]), "babyai")
     logits = torch.randn(5, 4, 263)
     logits[..., :7] += 100.0  # even when the discrete ids score highest, a Meta-World action stays continuous
     assert model.decode(logits, "metaworld").abs().max() <= 1.0
@@ -161,8 +164,8 @@ def test_profile_command_writes_rows_and_plot_and_refuses_unknown_arms(tmp_path)
     assert r.exit_code == 0, r.output
     rows = json.loads(out.read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
-    for arch in ("xlstm", "dt-window3"):  # 4, then 4 + 6 timed steps: contexts closer than that start later
-        assert [row["context_steps"] for row in rows if row["arch"] == arch] == [4, 10]
+    for arch in ("xlstm", "dt-window3"):  # 4, then 4 + 5 warm-up + 1 timed + 9 spacing: closer contexts start later
+        assert [row["context_steps"] for row in rows if row["arch"] == arch] == [4, 19]
     assert out.with_suffix(".png").stat().st_size > 0
     for bad in ("dt-compiled", "gru", "xlstm-window4"):
         r = runner.invoke(app, ["profile-action-models", "--arch", bad, "--out", str(out)])

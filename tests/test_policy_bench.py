@@ -183,13 +183,16 @@ def test_policy_summary_counts_distinct_episodes_once():
 @pytest.mark.parametrize("name", sorted(POLICY_SUITES))
 def test_every_policy_suite_plays_distinct_episodes_on_its_seeds(name):
     """The floor of the policy suites: every evaluation seed of every task is an episode of its own."""
-    from thrifty.agents.policy import episode_key, make_env
+    from thrifty.agents.policy import make_env
 
     suite = POLICY_SUITES[name]
     jobs = suite.jobs()
     for task in suite.tasks:
         env = make_env(task, max_steps=suite.max_steps)
         seeds = sorted({j.seed for j in jobs if j.level == task})
-        keys = {episode_key(env.reset(seed=s)[0]["state"], env.instruction) for s in seeds}
+        keys = set()
+        for s in seeds:
+            env.reset(seed=s)
+            keys.add(env.episode_key)
         assert len(keys) == len(seeds) == suite.episodes, task
         env.close()

@@ -63,10 +63,11 @@ def test_mamba_parallel_forward_runs_through_thrifty_scan(monkeypatch):
     assert len(calls) == CONFIGS["mamba"].layers
 
 
-def test_compiled_steps_equal_eager_steps():
-    """torch.compile'd stepping (fixed-shape state) gives the eager outputs (a 1-block xLSTM keeps it quick)."""
+@pytest.mark.parametrize("cfg", [RecurrentConfig("xlstm", d_model=16, layers=1, heads=2, context_length=8),
+                                 RecurrentConfig("mamba", d_model=16, layers=1, state_size=4)], ids=["xlstm", "mamba"])
+def test_compiled_steps_equal_eager_steps(cfg):
+    """torch.compile'd stepping (fixed-shape state) gives the eager outputs (1-block models keep it quick)."""
     torch.manual_seed(0)
-    cfg = RecurrentConfig("xlstm", d_model=16, layers=1, heads=2, context_length=8)
     eager, compiled = build_recurrent(cfg).eval(), build_recurrent(cfg).eval()
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_step()

@@ -108,6 +108,8 @@ class ActionModelConfig:
             raise ValueError(f"unknown action-model architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 step (or None for the whole history), got {self.window}")
+        if self.arch == "dt" and self.dt_mlp_width is None:  # fixed here, so a saved card holds the number
+            object.__setattr__(self, "dt_mlp_width", matched_mlp_width(self))
         unknown = [d for d in self.domains if d not in DOMAINS]
         if unknown or not self.domains:
             raise ValueError(f"unknown domains {unknown or '(none)'}; domains: {', '.join(DOMAINS)}")
@@ -157,7 +159,7 @@ class ActionModel(nn.Module):
             from transformers import LlamaConfig, LlamaModel
 
             self.backbone = LlamaModel(LlamaConfig(
-                vocab_size=2, hidden_size=d, intermediate_size=cfg.dt_mlp_width or matched_mlp_width(cfg),
+                vocab_size=2, hidden_size=d, intermediate_size=cfg.dt_mlp_width,
                 num_hidden_layers=cfg.layers,
                 num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                 max_position_embeddings=TOKENS_PER_STEP * cfg.context_steps, attn_implementation="eager",
@@ -195,7 +197,11 @@ class ActionModel(nn.Module):
         """actions (..., act_dim) of `domain` -> vocabulary ids (..., act_dim)."""
         d = self.domain(domain)
         if d.discrete:
-            return action[..., : d.act_dim].round().long()
+            a = action[..., : d.act_dim]
+            if not bool(((a >= 0) & (a < d.discrete) & (a == a.round())).all()):
+                raise ValueError(f"{domain} actions are whole numbers in [0, {d.discrete}), got values in "
+                                 f"[{float(a.min())}, {float(a.max())}]")
+            return a.long()
         return self.tokenizer.encode(action[..., : d.act_dim]) + self.cfg.discrete_actions
 
     def decode(self, logits: torch.Tensor, domain: str) -> torch.Tensor:
@@ -269,8 +275,15 @@ def load_action_model(path: str | Path, arch: str | None = None) -> tuple[Action
     cfg["slstm_at"] = tuple(cfg.get("slstm_at") or ())
     cfg["domains"] = tuple(cfg.get("domains") or ("metaworld",))
     cfg.pop("reward_scale", None)  # cards written before DOMAINS held Meta-World's scale (200) here
-    model = ActionModel(ActionModelConfig(**cfg))
-    model.load_state_dict(load_file(str(p / "model.safetensors")))
+    weights = load_file(str(p / "model.safetensors"))
+    gate = weights.get("backbone.layers.0.mlp.gate_proj.weight")
+    if cfg["arch"] == "dt" and cfg.get("dt_mlp_width") is None and gate is not None:
+        cfg["dt_mlp_width"] = int(gate.shape[0])  # cards from before the width was written down
+    try:
+        model = ActionModel(ActionModelConfig(**cfg))
+        model.load_state_dict(weights)
+    except (TypeError, RuntimeError) as e:
+        raise ActionModelLoadError(f"{p}: its weights do not fit the configuration in its card.json ({e})") from e
     return model.eval(), card
 
 

@@ -55,9 +55,9 @@ class ExpertPolicy:
         from thrifty.envs.metaworld import scripted_expert
 
         if is_babyai_task(task):
-            self._act = None
-            self._experts[task] = "bot"
-        elif task not in self._experts:
+            self._act = None  # the bot's action arrives in each observation
+            return
+        if task not in self._experts:
             self._experts[task] = scripted_expert(task)
         self._act = self._experts[task]
 
@@ -102,32 +102,26 @@ def make_env(task: str, max_steps: int = 200):
     return BabyAIGridEnv(task) if is_babyai_task(task) else MetaWorldEnv(task, max_steps=max_steps)
 
 
-def episode_key(state: np.ndarray, instruction: str) -> str:
-    """A short digest of an episode's initial state and instruction: equal keys, the same episode."""
-    h = hashlib.sha256(np.ascontiguousarray(state, np.float32).tobytes())
-    h.update(instruction.encode())
-    return h.hexdigest()[:16]
-
-
 def run_policy_episode(policy: Policy, task: str, seed: int, max_steps: int = 200, env=None) -> dict[str, Any]:
     """Play one episode of `task` on layout `seed`; the result dict the bench writes as one JSON line.
 
     Fields: success, steps, decisions (= steps), flops_total, flops_per_step, wall_median_s and wall_p90_s (the
     policy's act() per step, the first WARMUP_STEPS steps left out), peak_rss_bytes (the process's resident peak
     during the episode), kv_bytes_max (the largest state or KV cache the policy carried), exit_layer_mean,
-    invalid_actions, actions_sha (a digest of the executed actions: same seed, same digest), episode_key (a digest
-    of the initial state and instruction: seeds that give the same episode share it).
+    invalid_actions, actions_sha (a digest of the executed actions: same seed, same digest), episode_key (the env's
+    `thrifty.envs.seeds.episode_key` of the initial state: seeds that give the same episode share it).
     """
     env = env or make_env(task, max_steps=max_steps)
     sanitize = getattr(env, "sanitize_action", sanitize_action)
     obs, _ = env.reset(seed=seed)
-    key = episode_key(obs["state"], env.instruction)
+    key = env.episode_key
     policy.reset(env.task, env.instruction)
     walls, flops, kv, exits, invalid, steps, success = [], 0, 0, [], 0, 0, False
     digest = hashlib.sha256()
+    labelled = isinstance(policy, ExpertPolicy)  # only the expert may read the bot's action (BabyAI grid tasks)
     with PeakRSS() as rss:
         while True:
-            step = policy.act(obs)
+            step = policy.act(obs if labelled else {k: v for k, v in obs.items() if k != "expert_action"})
             action, changed = sanitize(step.action)
             invalid += changed
             walls.append(step.cost.wall_s)

@@ -163,7 +163,10 @@ def _thrifty_scan():
     """Route transformers' Mamba full-sequence scan through `selective_scan` for the duration of a call."""
     import transformers.models.mamba.modeling_mamba as modeling
 
-    original = modeling.mamba_selective_scan
+    original = getattr(modeling, "mamba_selective_scan", None)
+    if original is None:
+        raise BackendError("this transformers version has no modeling_mamba.mamba_selective_scan to route through "
+                           "thrifty's scan; use a transformers release thrifty is tested on (5.20 and 5.24)")
     modeling.mamba_selective_scan = lambda *args, **kwargs: selective_scan(*args, **kwargs)  # late-bound
     try:
         yield

@@ -2,7 +2,9 @@
 
 For each architecture and context length L (environment steps already seen), the model first reads L steps of
 history (random states and rewards: the cost of a step does not depend on the values), then `repeats` further
-steps are timed (the first `warmup` discarded, the median kept). Recurrent models read the history step by step
+steps are timed (the first `warmup` discarded, the median kept), each followed by `spacing` untimed steps: on this
+shared 2-core machine, slow spells of some tens of milliseconds come and go (measured: one 25-step block in six or
+seven runs up to 2x slower, at any context), and spacing the timed steps keeps one spell from moving the median. Recurrent models read the history step by step
 (their state is all they keep); the transformer reads it in chunks through its KV cache (the whole history, or
 the last `window` steps). An arm stops growing L once a step exceeds `time_limit_s` or its state/KV exceeds
 `memory_limit_mb`, and the table says so. Batch size B emulates LRAM's batched inference (B rows stepped at once).
@@ -73,7 +75,7 @@ class _Stepper:
 @torch.inference_mode()
 def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window: int | None = None,
                 repeats: int = 25, warmup: int = 5, limits: ProfileLimits | None = None, progress=None,
-                label: str | None = None) -> list[dict]:
+                label: str | None = None, spacing: int = 9) -> list[dict]:
     """Rows for one architecture and batch size over increasing context lengths (in environment steps).
 
     Before the first context, 30 steps on a throwaway state warm the process up (first calls, allocator), so the
@@ -113,6 +115,8 @@ def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window:
             t0 = time.perf_counter()
             stepper.feed(x, chunk=TOKENS_PER_STEP)
             times.append(time.perf_counter() - t0)
+            for _ in range(spacing if r >= warmup else 0):
+                stepper.feed(torch.randn(batch, TOKENS_PER_STEP, d, generator=g), chunk=TOKENS_PER_STEP)
         latency = statistics.median(times[warmup:])
         flops = batch * sum(model.flops_per_token(kv_before + i + 1) for i in range(TOKENS_PER_STEP))
         nbytes = state_bytes(stepper.state)
@@ -126,12 +130,12 @@ def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window:
         rows.append({"arch": label or model.cfg.arch + (f"-window{window}" if window else ""), "batch": batch,
                      "context_steps": seen, "latency_median_s": latency, "flops_per_step": flops,
                      "state_bytes": nbytes, "prefill_s": prefill, "warmup_s": warmup_s, "stopped": stopped,
-                     "threads": torch.get_num_threads()})
+                     "spacing": spacing, "threads": torch.get_num_threads()})
         if progress:
             progress(rows[-1])
         if stopped:
             break
-        seen += warmup + repeats  # the context the next length starts from
+        seen += warmup + repeats * (1 + spacing)  # the context the next length starts from
     return rows
 
 

@@ -55,7 +55,7 @@ episodes; docs/coop.md's 8-episode run (288, constrained decoding) took 12 min o
 
 MIN_DISTINCT = EPISODES
 """Floor on the distinct episodes (`CoopGridEnv.episode_key`) the default seeds give per team size: all of them
-(`coop_distinct_episodes`; tests/test_bench_harness.py checks it). Results count each distinct episode once."""
+(`coop_distinct_episodes`; tests/test_distinct_episodes.py checks it). Results count each distinct episode once."""
 
 
 def coop_distinct_episodes(episodes: int = EPISODES, team_sizes: Sequence[int] = TEAM_SIZES) -> dict[int, int]:

@@ -14,7 +14,7 @@ Success figures carry 95% Wilson intervals (`thrifty.bench.report.wilson_interva
 
 from __future__ import annotations
 
-from thrifty.bench.report import wilson_interval
+from thrifty.bench.report import distinct_success, wilson_interval
 from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv, level_id
 from thrifty.envs.memory_expert import VariedMemoryExpert
 from thrifty.envs.memory_varied import MemoryVariedEnv
@@ -40,19 +40,21 @@ def measure_memory_level(level: str = "MemoryVaried", episodes: int = 200) -> di
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     env = BabyAITextEnv(level)
     seeds = [eval_seed(i) for i in range(episodes)]
-    keys = set()
+    keys = []
     for seed in seeds:
         env.reset(seed=seed)
-        keys.add(env.episode_key)
+        keys.append(env.episode_key)
     varied = isinstance(env._env.unwrapped, MemoryVariedEnv)
-    out = {"level": level, "episodes": episodes, "distinct_episodes": len(keys),
-           "distinct_fraction": len(keys) / episodes}
+    out = {"level": level, "episodes": episodes, "distinct_episodes": len(set(keys)),
+           "distinct_fraction": len(set(keys)) / episodes}
     for name, blind in (("expert", False), ("blind", True)):
         if blind and not varied:
             out.update({f"{name}_success": None, f"{name}_success_ci95": None})
             continue
-        wins = sum(_play(env, seed, blind) for seed in seeds)
-        out[f"{name}_success"] = wins / episodes
-        out[f"{name}_success_ci95"] = list(wilson_interval(wins, episodes))
+        # success over distinct episodes: seeds that replay one episode count once (thrifty.bench.report)
+        score, n = distinct_success([{"success": _play(env, seed, blind), "episode_key": key}
+                                     for seed, key in zip(seeds, keys)])
+        out[f"{name}_success"] = score / n
+        out[f"{name}_success_ci95"] = list(wilson_interval(score, n))
     env.close()
     return out

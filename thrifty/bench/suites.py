@@ -6,7 +6,7 @@ add their configurations here; `demo` is what `make demo` runs.
 Every suite states how many distinct episodes its seeds must give per level (`Suite.min_distinct`, issue 23):
 seeds can collapse onto the same episode (MemoryRecallS13's 40 give 2), and a figure over 40 seeds is then a
 figure over 2 episodes. `Suite.check_distinct` resets the levels' envs on the suite's seeds (no model, fast) and
-refuses a suite below its floor; tests/test_bench_harness.py runs it on every shipped suite and `thrifty bench`
+refuses a suite below its floor; tests/test_distinct_episodes.py runs it on every shipped suite and `thrifty bench`
 before running one. Results count each distinct episode once (`thrifty.bench.report`).
 """
 

@@ -218,6 +218,7 @@ def profile_action_models_cmd(
     time_limit: float = typer.Option(0.5, help="stop an arm once a step takes longer (seconds)"),
     memory_limit_mb: float = typer.Option(2048.0, help="stop an arm once its state/KV is larger (MiB)"),
     prefill_limit: float = typer.Option(300.0, help="stop an arm once reading a context's history takes longer (s)"),
+    spacing: int = typer.Option(9, min=0, help="untimed steps after each timed one (spreads the timed steps out)"),
     threads: int = typer.Option(1, min=1),
     out: Path = typer.Option(Path("results/action_models_profile.json"), help="rows (JSON, written after every "
                              "row); the plot beside it. Arms already in it are kept and skipped (resume)"),
@@ -279,7 +280,8 @@ def profile_action_models_cmd(
 
             arm_rows: list[dict] = []
             profile_arm(model.eval(), ctx, batch=b, window=int(window) if window else None, repeats=repeats,
-                        limits=ProfileLimits(time_limit, memory_limit_mb, prefill_limit), progress=keep, label=name)
+                        limits=ProfileLimits(time_limit, memory_limit_mb, prefill_limit), progress=keep, label=name,
+                        spacing=spacing)
             rows += arm_rows
     plot = profile_plot(rows, out.with_suffix(".png"))
     console.print(f"rows: {out}\nplot: {plot}")

@@ -24,6 +24,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from thrifty.envs.seeds import episode_key, train_seed
+
 PREFIX = "babyai-"
 STATE_DIM = 7 * 7 * 3 + 4
 N_ACTIONS = 7
@@ -57,8 +59,13 @@ class BabyAIGridEnv(gym.Env):
         self.observation_space = gym.spaces.Dict({"state": gym.spaces.Box(0.0, 1.0, (STATE_DIM,), np.float32)})
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
         self.instruction = ""
+        self.episode_key: str | None = None
+        """the current episode's `thrifty.envs.seeds.episode_key` (the whole initial grid, start pose, mission)"""
         self._mission: str | None = None
         self._bot = None
+        self._done = True
+        for i in range(4):  # refuse a level whose mission varies now, not halfway through a collection
+            self.reset(seed=train_seed(i))
         self._done = True
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
@@ -73,7 +80,10 @@ class BabyAIGridEnv(gym.Env):
                              f"{obs['mission']!r}), and grid states do not encode missions; use a level with a "
                              "fixed mission, such as GoToRedBallGrey")
         self._mission = self.instruction = obs["mission"]
-        self._bot = BabyAIBot(self._env.unwrapped)
+        u = self._env.unwrapped
+        self.episode_key = episode_key(self.level_id, u.grid.encode(), tuple(u.agent_pos), int(u.agent_dir),
+                                       obs["mission"])
+        self._bot = BabyAIBot(u)
         self._done = False
         return self._obs(obs), {"task": self.task, "seed": int(seed), "success": False, "mission": obs["mission"]}
 

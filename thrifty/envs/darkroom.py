@@ -103,9 +103,12 @@ def get_spec(variant: str) -> DarkroomSpec:
 
 def task_split(variant: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train task indices, held-out task indices): all tasks shuffled with `seed`, the first
-    `train_fraction` of them for training. Darkroom, seed 0: 80 and 20 goals, disjoint, covering all 100 cells."""
+    `train_fraction` of them for training. Darkroom, seed 0: 80 and 20 goals, disjoint, covering all 100 cells.
+
+    The shuffle is numpy's legacy `RandomState(seed)` over tasks in x * size + y order, the generator and order
+    DPT's code shuffles its goals with, so seed 0 gives DPT's (and ReLIC's) train/held-out goals."""
     spec = get_spec(variant)
-    order = np.random.default_rng(seed).permutation(spec.n_tasks)
+    order = np.random.RandomState(seed).permutation(spec.n_tasks)
     n_train = int(round(spec.train_fraction * spec.n_tasks))
     return order[:n_train], order[n_train:]
 

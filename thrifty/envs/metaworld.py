@@ -213,6 +213,8 @@ class MetaWorldEnv(gym.Env):
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
         self._env = None  # the Meta-World env, built on the first reset
+        self.episode_key: str | None = None
+        """the current episode's `thrifty.envs.seeds.episode_key` (task, layout vector, initial state), after reset"""
         self._steps = 0
         self._done = True
         self.seed_in_play: int | None = None
@@ -221,11 +223,17 @@ class MetaWorldEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         if seed is None:
             raise ValueError("MetaWorldEnv.reset needs a seed: it picks the layout (train_seed(i) or eval_seed(i))")
+        import pickle
+
+        from thrifty.envs.seeds import episode_key
+
         layout = _layout(self.task, seed)
         env = self._meta_env()
         env.set_task(layout)
         state, _ = env.reset()
         self._steps, self._done, self.seed_in_play = 0, False, int(seed)
+        rand_vec = np.asarray(pickle.loads(layout.data)["rand_vec"], dtype=np.float64)
+        self.episode_key = episode_key(self.task, rand_vec, np.asarray(state, np.float64), self.instruction)
         return self._obs(state), {"task": self.task, "seed": int(seed), "success": False}
 
     def step(self, action) -> tuple[dict, float, bool, bool, dict]:

@@ -61,7 +61,8 @@ class ActionModelRecipe:
 
 
 def episodes_of(demos: DemoSet) -> list[dict[str, np.ndarray]]:
-    """Every demonstration episode as arrays: state (T, 39), action (T, 4), reward (T,), rtg (T,), task."""
+    """Every demonstration episode as arrays: state (T, S), action (T, A) (Meta-World 39 and 4, BabyAI 151 and 1),
+    reward (T,), rtg (T,), task, seed."""
     out = []
     for task, arrays in demos.shard_arrays():
         ep = np.asarray(arrays["episode"])
@@ -115,6 +116,10 @@ def split_domain(demos: DemoSet, heldout_per_task: int) -> DomainData:
     by_task: dict[str, list] = {}
     for e in episodes_of(demos):
         by_task.setdefault(e["task"], []).append(e)
+    few = {t: len(eps) for t, eps in by_task.items() if len(eps) <= heldout_per_task}
+    if few:
+        raise ValueError(f"{demos.root}: tasks {few} have no more episodes than the {heldout_per_task} held out per "
+                         "task, so none would be left to train on; collect more episodes")
     heldout = [e for eps in by_task.values() for e in eps[-heldout_per_task:]] if heldout_per_task else []
     held_ids = {(e["task"], e["seed"]) for e in heldout}
     train = [e for eps in by_task.values() for e in eps if (e["task"], e["seed"]) not in held_ids]

@@ -254,7 +254,8 @@ def collect(root: str | Path, settings: CollectSettings, progress: Callable[[int
             episodes = []
             for seed in seeds:
                 if expert is None:
-                    episodes.append(play_babyai_episode(env, seed, settings.noise, np.random.default_rng([seed, 0])))
+                    rng = np.random.default_rng([seed, settings.tasks.index(task)])
+                    episodes.append(play_babyai_episode(env, seed, settings.noise, rng))
                 else:
                     rng = np.random.default_rng([seed, TASKS.index(task)])
                     episodes.append(play_episode(env, expert, seed, settings.noise, rng))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from thrifty.agents.mlp_policy import MLPConfig, MLPPolicyNet, save_policy
-from thrifty.train.demos import DemoSet
+from thrifty.train.demos import DemoDirError, DemoSet
 
 
 @dataclass
@@ -88,6 +88,10 @@ def train_policy(recipe: BCRecipe, data_dir: str | Path, out_dir: str | Path, ru
 
     torch.set_num_threads(recipe.threads)
     demos = DemoSet(data_dir)
+    if demos.settings.get("domain", "metaworld") != "metaworld":
+        raise DemoDirError(f"{data_dir} holds {demos.settings['domain']} demonstrations; the BC MLP policy acts on "
+                           "Meta-World (`thrifty collect metaworld`); train an action model on them instead "
+                           "(`thrifty train action-model --data DIR`)")
     data_id = hashlib.sha256(json.dumps(demos.manifest["shards"], sort_keys=True).encode()).hexdigest()[:16]
     fingerprint = recipe.fingerprint(data_id)
     train, heldout = _split(demos, recipe.heldout_episodes)
