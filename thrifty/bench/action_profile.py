@@ -172,3 +172,25 @@ def profile_plot(rows: list[dict], path, title: str = "thrifty profile-action-mo
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def print_profile_table(rows: list[dict], console) -> None:
+    """One line per (arm, batch): the median step latency at each context, the state/KV bytes at the last measured
+    context, analytic FLOPs per step there, and why the arm stopped (if it did)."""
+    from rich import box
+    from rich.table import Table
+
+    contexts = sorted({r["context_steps"] for r in rows})
+    table = Table(title="thrifty profile-action-models: ms per step (median)", box=box.SIMPLE_HEAVY)
+    for c in ("arm", "batch", *map(str, contexts), "state/KV (last)", "FLOPs/step (last)", "stopped"):
+        table.add_column(c, justify="left" if c in ("arm", "stopped") else "right", no_wrap=c != "stopped")
+    for arm, batch in dict.fromkeys((r["arch"], r["batch"]) for r in rows):
+        pts = {r["context_steps"]: r for r in rows if (r["arch"], r["batch"]) == (arm, batch)}
+        done = [r for r in pts.values() if r["latency_median_s"] is not None]
+        last = max(done, key=lambda r: r["context_steps"]) if done else None
+        stop = next((r["stopped"] for r in pts.values() if r["stopped"]), "")
+        cells = [f"{pts[c]['latency_median_s'] * 1e3:.2f}" if c in pts and pts[c]["latency_median_s"] is not None
+                 else "–" for c in contexts]
+        table.add_row(arm, str(batch), *cells, f"{last['state_bytes'] / 2**20:.2f} MiB" if last else "–",
+                      f"{last['flops_per_step'] / 1e6:.1f} M" if last else "–", stop)
+    console.print(table)

@@ -231,7 +231,7 @@ def profile_action_models_cmd(
 
     from thrifty.agents.action_model import ActionModel, ActionModelConfig, ActionModelLoadError, load_action_model
     from thrifty.bench import write_summary_json
-    from thrifty.bench.action_profile import ProfileLimits, profile_arm, profile_plot
+    from thrifty.bench.action_profile import ProfileLimits, print_profile_table, profile_arm, profile_plot
     from thrifty.bench.policy_suites import ASSETS
     from thrifty.cli._app import comma_list
 
@@ -283,5 +283,6 @@ def profile_action_models_cmd(
                         limits=ProfileLimits(time_limit, memory_limit_mb, prefill_limit), progress=keep, label=name,
                         spacing=spacing)
             rows += arm_rows
+    print_profile_table(rows, console)
     plot = profile_plot(rows, out.with_suffix(".png"))
     console.print(f"rows: {out}\nplot: {plot}")
