@@ -160,7 +160,7 @@ def test_profile_command_writes_rows_and_plot_and_refuses_unknown_arms(tmp_path)
     runner = CliRunner()
     out = tmp_path / "profile.json"
     r = runner.invoke(app, ["profile-action-models", "--arch", "xlstm", "--arch", "dt-window3", "--contexts", "4,8",
-                            "--repeats", "1", "--out", str(out)])
+                            "--repeats", "1", "--min-warmup", "0", "--out", str(out)])
     assert r.exit_code == 0, r.output
     rows = json.loads(out.read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows

@@ -10,9 +10,9 @@ the last `window` steps). An arm stops growing L once a step exceeds `time_limit
 `memory_limit_mb`, and the table says so. Batch size B emulates LRAM's batched inference (B rows stepped at once).
 An arm `xlstm-compiled` / `mamba-compiled` steps through torch.compile (`compile_step()`); its compilation happens
 in the warm-up steps, whose time is in `warmup_s`.
-Rows: arch, batch, context_steps, latency_median_s, flops_per_step (analytic, backbone matmuls + attention),
-state_bytes (recurrent state or KV cache), prefill_s (time to read the history), warmup_s, stopped (a reason, or
-None).
+Rows: arch, batch, context_steps (where the timed steps start), latency_median_s, flops_per_step (analytic,
+backbone matmuls + attention, at context_steps), state_bytes (recurrent state or KV cache at context_steps),
+prefill_s (time to read the history), warmup_s, stopped (a reason, or None).
 """
 
 from __future__ import annotations
@@ -75,17 +75,19 @@ class _Stepper:
 @torch.inference_mode()
 def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window: int | None = None,
                 repeats: int = 25, warmup: int = 5, limits: ProfileLimits | None = None, progress=None,
-                label: str | None = None, spacing: int = 9) -> list[dict]:
+                label: str | None = None, spacing: int = 9, min_warmup_s: float = 3.0) -> list[dict]:
     """Rows for one architecture and batch size over increasing context lengths (in environment steps).
 
-    Before the first context, 30 steps on a throwaway state warm the process up (first calls, allocator), so the
-    shortest context is not charged for them."""
+    Before the first context, steps on a throwaway state warm the process up (first calls, allocator; at least 30
+    steps and `min_warmup_s` seconds: eager xLSTM steps measured 2x slower over the first seconds of an arm), so
+    the shortest context is not charged for them."""
     limits = limits or ProfileLimits()
     d = model.cfg.d_model
     spare = _Stepper(model, window)
-    t0 = time.perf_counter()
-    for _ in range(30 if warmup else 0):
+    t0, n = time.perf_counter(), 0
+    while warmup and (n < 30 or time.perf_counter() - t0 < min_warmup_s):
         spare.feed(torch.zeros(batch, TOKENS_PER_STEP, d), chunk=TOKENS_PER_STEP)
+        n += 1
     warmup_s = time.perf_counter() - t0
     stepper, seen, rows = _Stepper(model, window), 0, []
     g = torch.Generator().manual_seed(0)
@@ -108,18 +110,17 @@ def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window:
                 progress(rows[-1])
             break
         seen = max(L, seen)  # the context the timed steps start from (>= L when contexts are close together)
+        nbytes, kv_start = state_bytes(stepper.state), stepper.kv_tokens()  # at that context
         times = []
         for r in range(warmup + repeats):
             x = torch.randn(batch, TOKENS_PER_STEP, d, generator=g)
-            kv_before = stepper.kv_tokens()
             t0 = time.perf_counter()
             stepper.feed(x, chunk=TOKENS_PER_STEP)
             times.append(time.perf_counter() - t0)
             for _ in range(spacing if r >= warmup else 0):
                 stepper.feed(torch.randn(batch, TOKENS_PER_STEP, d, generator=g), chunk=TOKENS_PER_STEP)
         latency = statistics.median(times[warmup:])
-        flops = batch * sum(model.flops_per_token(kv_before + i + 1) for i in range(TOKENS_PER_STEP))
-        nbytes = state_bytes(stepper.state)
+        flops = batch * sum(model.flops_per_token(kv_start + i + 1) for i in range(TOKENS_PER_STEP))
         stopped = None
         if latency > limits.time_limit_s:
             stopped = f"step {latency:.2f} s > {limits.time_limit_s} s"

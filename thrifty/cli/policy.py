@@ -219,6 +219,7 @@ def profile_action_models_cmd(
     memory_limit_mb: float = typer.Option(2048.0, help="stop an arm once its state/KV is larger (MiB)"),
     prefill_limit: float = typer.Option(300.0, help="stop an arm once reading a context's history takes longer (s)"),
     spacing: int = typer.Option(9, min=0, help="untimed steps after each timed one (spreads the timed steps out)"),
+    min_warmup: float = typer.Option(3.0, min=0.0, help="seconds of warm-up steps per arm before the first context"),
     threads: int = typer.Option(1, min=1),
     out: Path = typer.Option(Path("results/action_models_profile.json"), help="rows (JSON, written after every "
                              "row); the plot beside it. Arms already in it are kept and skipped (resume)"),
@@ -281,7 +282,7 @@ def profile_action_models_cmd(
             arm_rows: list[dict] = []
             profile_arm(model.eval(), ctx, batch=b, window=int(window) if window else None, repeats=repeats,
                         limits=ProfileLimits(time_limit, memory_limit_mb, prefill_limit), progress=keep, label=name,
-                        spacing=spacing)
+                        spacing=spacing, min_warmup_s=min_warmup)
             rows += arm_rows
     print_profile_table(rows, console)
     plot = profile_plot(rows, out.with_suffix(".png"))
