@@ -114,7 +114,7 @@ def run_policy_episode(policy: Policy, task: str, seed: int, max_steps: int = 20
     env = env or make_env(task, max_steps=max_steps)
     sanitize = getattr(env, "sanitize_action", sanitize_action)
     obs, _ = env.reset(seed=seed)
-    key = env.episode_key
+    key = getattr(env, "episode_key", None)  # None: the report counts the episode as its own
     policy.reset(env.task, env.instruction)
     walls, flops, kv, exits, invalid, steps, success = [], 0, 0, [], 0, 0, False
     digest = hashlib.sha256()
