@@ -60,6 +60,13 @@ DOMAINS = {"metaworld": Domain("metaworld", 39, 4, 0, 200.0), "babyai": Domain("
 (`thrifty.envs.babyai_grid`: 151-D state, one of 7 actions)."""
 
 
+def _domain_specs(names) -> list[Domain]:
+    unknown = [n for n in names if n not in DOMAINS]
+    if unknown or not names:
+        raise ValueError(f"unknown domains {unknown or '(none)'}; domains: {', '.join(DOMAINS)}")
+    return [DOMAINS[n] for n in names]
+
+
 def domain_of(task: str) -> str:
     return "babyai" if task.startswith("babyai-") else "metaworld"
 
@@ -110,10 +117,7 @@ class ActionModelConfig:
             raise ValueError(f"window must be >= 1 step (or None for the whole history), got {self.window}")
         if self.arch == "dt" and self.dt_mlp_width is None:  # fixed here, so a saved card holds the number
             object.__setattr__(self, "dt_mlp_width", matched_mlp_width(self))
-        unknown = [d for d in self.domains if d not in DOMAINS]
-        if unknown or not self.domains:
-            raise ValueError(f"unknown domains {unknown or '(none)'}; domains: {', '.join(DOMAINS)}")
-        for d in (DOMAINS[n] for n in self.domains):
+        for d in _domain_specs(self.domains):
             if d.state_dim > self.max_state_dim or d.act_dim > self.max_act_dim or d.discrete > self.discrete_actions:
                 raise ValueError(f"domain {d.name} needs max_state_dim >= {d.state_dim}, max_act_dim >= {d.act_dim} "
                                  f"and discrete_actions >= {d.discrete}; got {self.max_state_dim}, "
@@ -126,9 +130,7 @@ class ActionModelConfig:
     @staticmethod
     def for_domains(arch: str, domains: tuple[str, ...], **kwargs) -> "ActionModelConfig":
         """A config sized for `domains`: the largest state, action dimension and discrete action count."""
-        specs = [DOMAINS[d] if d in DOMAINS else None for d in domains]
-        if None in specs:
-            raise ValueError(f"unknown domains {[d for d in domains if d not in DOMAINS]}; domains: {', '.join(DOMAINS)}")
+        specs = _domain_specs(domains)
         return ActionModelConfig(arch, max_state_dim=max(d.state_dim for d in specs),
                                  max_act_dim=max(d.act_dim for d in specs),
                                  discrete_actions=max(d.discrete for d in specs), domains=tuple(domains), **kwargs)

@@ -121,7 +121,9 @@ def run_policy_episode(policy: Policy, task: str, seed: int, max_steps: int = 20
     labelled = isinstance(policy, ExpertPolicy)  # only the expert may read the bot's action (BabyAI grid tasks)
     with PeakRSS() as rss:
         while True:
-            step = policy.act(obs if labelled else {k: v for k, v in obs.items() if k != "expert_action"})
+            if not labelled and "expert_action" in obs:
+                obs = {k: v for k, v in obs.items() if k != "expert_action"}
+            step = policy.act(obs)
             action, changed = sanitize(step.action)
             invalid += changed
             walls.append(step.cost.wall_s)

@@ -206,6 +206,16 @@ def train_action_model_cmd(
     console.print(f"action model written to {path}")
 
 
+def _parse_arm(name: str) -> tuple[str, int | None, bool]:
+    """'xlstm', 'mamba-compiled', 'dt-window50' -> (architecture, window or None, compiled); bad names fail."""
+    stem, compiled = (name[: -len("-compiled")], True) if name.endswith("-compiled") else (name, False)
+    base, _, window = stem.partition("-window")
+    if (base not in ("xlstm", "mamba", "dt") or (window and (base != "dt" or not window.isdigit()))
+            or (compiled and base == "dt")):
+        fail(f"unknown arm {name!r}: use xlstm, mamba, dt, dt-windowN, xlstm-compiled or mamba-compiled")
+    return base, int(window) if window else None, compiled
+
+
 @app.command("profile-action-models")
 def profile_action_models_cmd(
     models: Optional[Path] = typer.Option(None, help="directory holding action_model_xlstm, _mamba, _dt (default: "
@@ -240,12 +250,7 @@ def profile_action_models_cmd(
     arms = arch or ["xlstm", "xlstm-compiled", "mamba", "dt", "dt-window50"]
     ctx = sorted(comma_list(contexts, int, "--contexts"))
     sizes = list(comma_list(batches, int, "--batches"))
-    for name in arms:
-        stem = name[: -len("-compiled")] if name.endswith("-compiled") else name
-        base, _, window = stem.partition("-window")
-        if (base not in ("xlstm", "mamba", "dt") or (window and (base != "dt" or not window.isdigit()))
-                or (name.endswith("-compiled") and base == "dt")):
-            fail(f"unknown arm {name!r}: use xlstm, mamba, dt, dt-windowN, xlstm-compiled or mamba-compiled")
+    parsed = {name: _parse_arm(name) for name in arms}  # every arm checked before any is measured
     rows: list[dict] = []
     if out.exists() and not fresh:
         try:
@@ -260,8 +265,7 @@ def profile_action_models_cmd(
                       f"{r['state_bytes'] / 2**20:8.2f} MiB" + (f"  stopped: {r['stopped']}" if r["stopped"] else ""))
 
     for name in arms:
-        stem, compiled = (name[: -len("-compiled")], True) if name.endswith("-compiled") else (name, False)
-        base, _, window = stem.partition("-window")
+        base, window, compiled = parsed[name]
         todo = [b for b in sizes if not any((r["arch"], r["batch"]) == (name, b) for r in rows)]
         if not todo:
             console.print(f"{name}: already in {out} (skipped; --fresh measures it again)")
@@ -280,7 +284,7 @@ def profile_action_models_cmd(
                 arm_rows.append(r)
 
             arm_rows: list[dict] = []
-            profile_arm(model.eval(), ctx, batch=b, window=int(window) if window else None, repeats=repeats,
+            profile_arm(model.eval(), ctx, batch=b, window=window, repeats=repeats,
                         limits=ProfileLimits(time_limit, memory_limit_mb, prefill_limit), progress=keep, label=name,
                         spacing=spacing, min_warmup_s=min_warmup)
             rows += arm_rows
