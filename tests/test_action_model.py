@@ -115,6 +115,22 @@ def test_profile_rows_show_constant_recurrent_state_and_growing_kv():
     assert len(stopped) == 1 and "MB >" in stopped[0]["stopped"]
 
 
+def test_passes_combine_to_the_median_per_context_with_their_range():
+    from thrifty.bench.action_profile import combine_passes, flatness
+
+    def row(p, ctx, lat, stopped=None):
+        return {"arch": "xlstm", "batch": 1, "context_steps": ctx, "latency_median_s": lat, "state_bytes": 8,
+                "flops_per_step": 1.0, "stopped": stopped, "pass": p}
+
+    rows = [row(0, 50, 1.0), row(1, 50, 3.0), row(2, 50, 2.0), row(0, 900, 2.0), row(1, 900, None, "too slow")]
+    by_ctx = {r["context_steps"]: r for r in combine_passes(rows)}
+    assert (by_ctx[50]["latency_median_s"], by_ctx[50]["latency_min_s"], by_ctx[50]["latency_max_s"],
+            by_ctx[50]["passes"]) == (2.0, 1.0, 3.0, 3)
+    assert by_ctx[900]["passes"] == 1 and by_ctx[900]["stopped"] == "too slow" and "pass" not in by_ctx[900]
+    assert flatness(rows, "xlstm") == 1.0  # medians 2.0 and 2.0
+    assert flatness(rows, "dt") is None
+
+
 def test_multi_domain_vocabulary_keeps_discrete_and_continuous_ids_apart():
     from thrifty.agents.action_model import DOMAINS
 
@@ -167,6 +183,13 @@ def test_profile_command_writes_rows_and_plot_and_refuses_unknown_arms(tmp_path)
     for arch in ("xlstm", "dt-window3"):  # 4, then 4 + 5 warm-up + 1 timed + 9 spacing: closer contexts start later
         assert [row["context_steps"] for row in rows if row["arch"] == arch] == [4, 19]
     assert out.with_suffix(".png").stat().st_size > 0
+    r = runner.invoke(app, ["profile-action-models", "--arch", "xlstm", "--contexts", "4", "--repeats", "1",
+                            "--min-warmup", "0", "--passes", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "already in" in r.output  # pass 1 was measured above; only pass 2 runs
+    rows = json.loads(out.read_text())
+    assert sorted(row.get("pass", 0) for row in rows if row["arch"] == "xlstm") == [0, 0, 1]
+    assert "median of 2 passes" in r.output
     for bad in ("dt-compiled", "gru", "xlstm-window4"):
         r = runner.invoke(app, ["profile-action-models", "--arch", bad, "--out", str(out)])
         assert r.exit_code == 2 and "unknown arm" in r.output, bad

@@ -80,6 +80,33 @@ def test_compiled_steps_equal_eager_steps(cfg):
             assert (y1 - y2).abs().max().item() <= 1e-5, t
 
 
+def test_compiled_xlstm_builds_one_graph_per_batch_size():
+    """The eager first step's state and the compiled steps' state differ in strides; they are made equal, so a
+    sequence costs one compiled graph per batch size, not two (dynamo's recompile limit is 8)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = build_recurrent(RecurrentConfig("xlstm", d_model=16, layers=1, heads=2, context_length=8)).eval()
+    model.compile_step()
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for batch in (1, 3):
+            state = None
+            for _ in range(4):
+                _, state = model.step(torch.randn(batch, 1, 16), state)
+    assert counters["stats"]["unique_graphs"] - before == 2
+
+
+def test_canonical_strides_copies_only_what_differs():
+    from thrifty.backbones.recurrent import _canonical_strides
+
+    a = torch.zeros(2, 4, 1, 1)
+    b = torch.zeros(2, 1, 4, 1).transpose(1, 2)  # shape (2, 4, 1, 1), strides (4, 1, 4, 1)
+    out = _canonical_strides({"x": (a, b), "n": 3})
+    assert out["x"][0] is a and out["x"][1] is not b and out["n"] == 3
+    assert out["x"][1].stride() == a.stride() and torch.equal(out["x"][1], b)
+
+
 def test_mamba_state_bytes_match_a_hand_count():
     model = build_recurrent(CONFIGS["mamba"]).eval()
     with torch.no_grad():

@@ -92,8 +92,28 @@ class _Stepping(nn.Module):
 
     def step(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         if self._compiled is not None and state is not None:
-            return self._compiled(x.contiguous(), state)  # a slice's strides would force a recompile
+            # a slice's strides, or the eager first step's against the compiled ones (xLSTM's (B, H, 1, 1)
+            # stabiliser comes out with strides (H, 1, H, 1)), would each force a recompile: one graph per
+            # batch size instead of two
+            return self._compiled(x.contiguous(), _canonical_strides(state))
         return self._step(x, state)
+
+
+def _canonical_strides(state: Any) -> Any:
+    """The state with every tensor leaf laid out with row-major strides (a copy only where they differ; a state
+    that is not a pytree of tensors, like Mamba's cache object, is returned as it is)."""
+    import torch.utils._pytree as pytree
+
+    def canonical(t):
+        if not torch.is_tensor(t):
+            return t
+        want, acc = [], 1
+        for size in reversed(t.shape):
+            want.append(acc)
+            acc *= size
+        return t if tuple(reversed(want)) == t.stride() else t.clone(memory_format=torch.contiguous_format)
+
+    return pytree.tree_map(canonical, state)
 
 
 class XLSTMBackbone(_Stepping):

@@ -12,7 +12,10 @@ An arm `xlstm-compiled` / `mamba-compiled` steps through torch.compile (`compile
 in the warm-up steps, whose time is in `warmup_s`.
 Rows: arch, batch, context_steps (where the timed steps start), latency_median_s, flops_per_step (analytic,
 backbone matmuls + attention, at context_steps), state_bytes (recurrent state or KV cache at context_steps),
-prefill_s (time to read the history), warmup_s, stopped (a reason, or None).
+prefill_s (time to read the history), warmup_s, stopped (a reason, or None), pass.
+Several passes (`--passes`) measure every arm again from a fresh state, the arms interleaved, so a slow spell of
+the machine lands on one pass of one arm; `combine_passes` keeps the median per context over the passes and the
+spread (min, max) beside it. The flatness of a curve is read off those medians.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class _Stepper:
 @torch.inference_mode()
 def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window: int | None = None,
                 repeats: int = 25, warmup: int = 5, limits: ProfileLimits | None = None, progress=None,
-                label: str | None = None, spacing: int = 9, min_warmup_s: float = 3.0) -> list[dict]:
+                label: str | None = None, spacing: int = 9, min_warmup_s: float = 3.0,
+                pass_index: int = 0) -> list[dict]:
     """Rows for one architecture and batch size over increasing context lengths (in environment steps).
 
     Before the first context, steps on a throwaway state warm the process up (first calls, allocator; at least 30
@@ -105,7 +109,7 @@ def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window:
                          "state_bytes": state_bytes(stepper.state), "prefill_s": prefill, "warmup_s": warmup_s,
                          "stopped": f"history of {L} steps not read within {limits.prefill_limit_s:.0f} s and "
                                     f"{limits.memory_limit_mb:.0f} MB (reached {seen})",
-                         "threads": torch.get_num_threads()})
+                         "threads": torch.get_num_threads(), "pass": pass_index})
             if progress:
                 progress(rows[-1])
             break
@@ -131,13 +135,39 @@ def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window:
         rows.append({"arch": label or model.cfg.arch + (f"-window{window}" if window else ""), "batch": batch,
                      "context_steps": seen, "latency_median_s": latency, "flops_per_step": flops,
                      "state_bytes": nbytes, "prefill_s": prefill, "warmup_s": warmup_s, "stopped": stopped,
-                     "spacing": spacing, "threads": torch.get_num_threads()})
+                     "spacing": spacing, "threads": torch.get_num_threads(), "pass": pass_index})
         if progress:
             progress(rows[-1])
         if stopped:
             break
         seen += warmup + repeats * (1 + spacing)  # the context the next length starts from
     return rows
+
+
+def combine_passes(rows: list[dict]) -> list[dict]:
+    """One row per (arch, batch, context): the median of the passes' latencies (`latency_median_s`), their min and
+    max, and how many passes measured it; a context any pass stopped at keeps that pass's reason. Rows of one pass
+    come back unchanged apart from those fields."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["batch"], r["context_steps"]), []).append(r)
+    out = []
+    for group in groups.values():
+        lat = [r["latency_median_s"] for r in group if r["latency_median_s"] is not None]
+        row = dict(group[0])
+        row.pop("pass", None)
+        row.update(latency_median_s=statistics.median(lat) if lat else None,
+                   latency_min_s=min(lat) if lat else None, latency_max_s=max(lat) if lat else None,
+                   passes=len(lat), stopped=next((r["stopped"] for r in group if r["stopped"]), None))
+        out.append(row)
+    return out
+
+
+def flatness(rows: list[dict], arch: str, batch: int = 1) -> float | None:
+    """max / min of an arm's (pass-combined) median latency over the contexts it measured; None below 2 contexts."""
+    lat = [r["latency_median_s"] for r in combine_passes(rows)
+           if (r["arch"], r["batch"]) == (arch, batch) and r["latency_median_s"] is not None]
+    return max(lat) / min(lat) if len(lat) >= 2 else None
 
 
 def profile_plot(rows: list[dict], path, title: str = "thrifty profile-action-models"):
@@ -147,6 +177,7 @@ def profile_plot(rows: list[dict], path, title: str = "thrifty profile-action-mo
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    rows = combine_passes(rows)
     fig = Figure(figsize=(11, 4.2), dpi=110)
     FigureCanvasAgg(fig)
     ax_t, ax_m = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -158,9 +189,12 @@ def profile_plot(rows: list[dict], path, title: str = "thrifty profile-action-mo
         xs = [r["context_steps"] for r in pts]
         stopped = any(r["stopped"] for r in rows if (r["arch"], r["batch"]) == (arch, batch))
         label = f"{arch}, batch {batch}" + (" (stopped)" if stopped else "")
-        ax_t.plot(xs, [r["latency_median_s"] * 1e3 for r in pts], marker="o", color=f"C{i % 10}", label=label)
+        mid = [r["latency_median_s"] * 1e3 for r in pts]
+        spread = [[m - r["latency_min_s"] * 1e3 for m, r in zip(mid, pts)],
+                  [r["latency_max_s"] * 1e3 - m for m, r in zip(mid, pts)]]  # min..max over the passes
+        ax_t.errorbar(xs, mid, yerr=spread, marker="o", color=f"C{i % 10}", label=label, capsize=2)
         ax_m.plot(xs, [max(r["state_bytes"], 1) / 2**20 for r in pts], marker="o", color=f"C{i % 10}", label=label)
-    for ax, name in ((ax_t, "latency per step (ms, median)"), (ax_m, "state / KV cache (MiB)")):
+    for ax, name in ((ax_t, "latency per step (ms, median; bars: passes' range)"), (ax_m, "state / KV cache (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("context (environment steps already seen)")
@@ -176,14 +210,18 @@ def profile_plot(rows: list[dict], path, title: str = "thrifty profile-action-mo
 
 
 def print_profile_table(rows: list[dict], console) -> None:
-    """One line per (arm, batch): the median step latency at each context, the state/KV bytes at the last measured
-    context, analytic FLOPs per step there, and why the arm stopped (if it did)."""
+    """One line per (arm, batch): the median step latency at each context (over the passes), max/min of those
+    medians over the contexts (flatness), the state/KV bytes at the last measured context, analytic FLOPs per
+    step there, and why the arm stopped (if it did)."""
     from rich import box
     from rich.table import Table
 
+    passes = max((r.get("pass", 0) for r in rows), default=0) + 1
+    rows = combine_passes(rows)
     contexts = sorted({r["context_steps"] for r in rows})
-    table = Table(title="thrifty profile-action-models: ms per step (median)", box=box.SIMPLE_HEAVY)
-    for c in ("arm", "batch", *map(str, contexts), "state/KV (last)", "FLOPs/step (last)", "stopped"):
+    title = "thrifty profile-action-models: ms per step (median" + (f" of {passes} passes)" if passes > 1 else ")")
+    table = Table(title=title, box=box.SIMPLE_HEAVY)
+    for c in ("arm", "batch", *map(str, contexts), "max/min", "state/KV (last)", "FLOPs/step (last)", "stopped"):
         table.add_column(c, justify="left" if c in ("arm", "stopped") else "right", no_wrap=c != "stopped")
     for arm, batch in dict.fromkeys((r["arch"], r["batch"]) for r in rows):
         pts = {r["context_steps"]: r for r in rows if (r["arch"], r["batch"]) == (arm, batch)}
@@ -192,6 +230,8 @@ def print_profile_table(rows: list[dict], console) -> None:
         stop = next((r["stopped"] for r in pts.values() if r["stopped"]), "")
         cells = [f"{pts[c]['latency_median_s'] * 1e3:.2f}" if c in pts and pts[c]["latency_median_s"] is not None
                  else "–" for c in contexts]
-        table.add_row(arm, str(batch), *cells, f"{last['state_bytes'] / 2**20:.2f} MiB" if last else "–",
+        lat = [r["latency_median_s"] for r in done]
+        ratio = f"{max(lat) / min(lat):.2f}x" if len(lat) >= 2 else "–"
+        table.add_row(arm, str(batch), *cells, ratio, f"{last['state_bytes'] / 2**20:.2f} MiB" if last else "–",
                       f"{last['flops_per_step'] / 1e6:.1f} M" if last else "–", stop)
     console.print(table)

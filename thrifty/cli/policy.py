@@ -230,6 +230,8 @@ def profile_action_models_cmd(
     prefill_limit: float = typer.Option(300.0, help="stop an arm once reading a context's history takes longer (s)"),
     spacing: int = typer.Option(9, min=0, help="untimed steps after each timed one (spreads the timed steps out)"),
     min_warmup: float = typer.Option(3.0, min=0.0, help="seconds of warm-up steps per arm before the first context"),
+    passes: int = typer.Option(1, min=1, help="measure every arm this many times, arms interleaved; the table and "
+                               "plot keep the median per context over the passes (steadier on a shared machine)"),
     threads: int = typer.Option(1, min=1),
     out: Path = typer.Option(Path("results/action_models_profile.json"), help="rows (JSON, written after every "
                              "row); the plot beside it. Arms already in it are kept and skipped (resume)"),
@@ -264,30 +266,42 @@ def profile_action_models_cmd(
         console.print(f"{r['arch']:>14} batch {r['batch']:>3} context {r['context_steps']:>6}: {lat} ms/step, "
                       f"{r['state_bytes'] / 2**20:8.2f} MiB" + (f"  stopped: {r['stopped']}" if r["stopped"] else ""))
 
-    for name in arms:
-        base, window, compiled = parsed[name]
-        todo = [b for b in sizes if not any((r["arch"], r["batch"]) == (name, b) for r in rows)]
-        if not todo:
-            console.print(f"{name}: already in {out} (skipped; --fresh measures it again)")
-            continue
-        path = (models or ASSETS) / f"action_model_{base}"
-        try:
-            model = load_action_model(path, arch=base)[0] if path.exists() else ActionModel(ActionModelConfig(base))
-        except ActionModelLoadError as e:
-            fail(str(e))
-        if compiled:
-            model.backbone.compile_step()
-        for b in todo:
-            def keep(r):
-                show(r)
-                write_summary_json(rows + arm_rows + [r], out)
-                arm_rows.append(r)
+    loaded: dict[str, ActionModel] = {}
 
-            arm_rows: list[dict] = []
-            profile_arm(model.eval(), ctx, batch=b, window=window, repeats=repeats,
-                        limits=ProfileLimits(time_limit, memory_limit_mb, prefill_limit), progress=keep, label=name,
-                        spacing=spacing, min_warmup_s=min_warmup)
-            rows += arm_rows
+    def model_for(name: str) -> ActionModel:
+        """Each arm's model is loaded (and compiled) once and reused by later passes."""
+        if name not in loaded:
+            base, _, compiled = parsed[name]
+            path = (models or ASSETS) / f"action_model_{base}"
+            try:
+                model = load_action_model(path, arch=base)[0] if path.exists() else ActionModel(ActionModelConfig(base))
+            except ActionModelLoadError as e:
+                fail(str(e))
+            if compiled:
+                model.backbone.compile_step()
+            loaded[name] = model.eval()
+        return loaded[name]
+
+    # pass by pass, every arm and batch in turn: a slow spell of the machine hits one pass of one arm
+    for p in range(passes):
+        for name in arms:
+            todo = [b for b in sizes if not any((r["arch"], r["batch"], r.get("pass", 0)) == (name, b, p)
+                                                for r in rows)]
+            if not todo:
+                console.print(f"{name} pass {p + 1}: already in {out} (skipped; --fresh measures it again)")
+                continue
+            for b in todo:
+                def keep(r):
+                    show(r)
+                    write_summary_json(rows + arm_rows + [r], out)
+                    arm_rows.append(r)
+
+                arm_rows: list[dict] = []
+                console.print(f"[bold]{name}[/bold], batch {b}, pass {p + 1} of {passes}")
+                profile_arm(model_for(name), ctx, batch=b, window=parsed[name][1], repeats=repeats,
+                            limits=ProfileLimits(time_limit, memory_limit_mb, prefill_limit), progress=keep,
+                            label=name, spacing=spacing, min_warmup_s=min_warmup, pass_index=p)
+                rows += arm_rows
     print_profile_table(rows, console)
     plot = profile_plot(rows, out.with_suffix(".png"))
     console.print(f"rows: {out}\nplot: {plot}")
