@@ -7,6 +7,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from thrifty.agents import relic_policy
 from thrifty.agents.relic_policy import ObservationSpaceMismatchError, RelicConfig, RelicPolicy, trial_positions
@@ -170,3 +172,36 @@ def test_bad_configs_and_inputs_are_refused():
 
 def test_docstring_example_runs():
     assert doctest.testmod(relic_policy, raise_on_error=True).failed == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=12))
+def test_trial_cache_buffers_equal_concatenation(chunks):
+    """The preallocated (capacity-doubling) cache holds exactly what concatenating every step would, and never
+    reserves more than twice what it holds."""
+    from thrifty.agents.relic_policy import TrialCache
+
+    cache, ks, vs = TrialCache(n_layers=2), [], []
+    g = torch.Generator().manual_seed(len(chunks))
+    for n in chunks:
+        k, v = torch.randn(3, 2, n, 4, generator=g), torch.randn(3, 2, n, 4, generator=g)
+        ks.append(k)
+        vs.append(v)
+        for layer in range(2):
+            got_k, got_v = cache.update(k, v, layer)
+        assert torch.equal(got_k, torch.cat(ks, 2)) and torch.equal(got_v, torch.cat(vs, 2))
+    assert cache.length == sum(chunks)
+    assert cache.nbytes() == 2 * 2 * 3 * 2 * sum(chunks) * 4 * 4
+    assert cache.nbytes() <= cache.reserved_bytes() <= 2 * cache.nbytes()
+
+
+def test_trial_cache_concatenates_tensors_that_carry_gradients():
+    from thrifty.agents.relic_policy import TrialCache
+
+    cache = TrialCache(n_layers=1)
+    a = torch.randn(1, 1, 2, 4, requires_grad=True)
+    b = torch.randn(1, 1, 3, 4, requires_grad=True)
+    cache.update(a, a, 0)
+    k, _ = cache.update(b, b, 0)
+    k.sum().backward()  # no in-place write into a tensor autograd saved
+    assert torch.equal(a.grad, torch.ones_like(a)) and torch.equal(b.grad, torch.ones_like(b))

@@ -171,5 +171,33 @@ def test_token_variant_is_refused_by_a_planner_session_and_one_sink_per_model():
         tech.attach(tiny_model("llama", num_hidden_layers=1))
 
 
+def test_a_session_gives_a_shared_backbone_back_as_it_was():
+    """open_session attaches the sink for the decision; close_session takes it off again, so the next
+    configuration on the same backbone (a bench process keeps one) gets plain attention."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    bb = HFDecoder.from_model(model)
+    ids = torch.arange(3, 15)
+    plain = Session(bb).extend(ids, logits="all").logits
+    tech = build("sink_kv", variant="kv")
+    session, _ = tech.open_session(bb, None)
+    assert model.config._attn_implementation == sink_kv.ATTENTION_NAME
+    with torch.no_grad():
+        for t in tech.sink_params.parameters():
+            t.fill_(0.5)  # a sink that changes the output
+    sunk = session.extend(ids, logits="all").logits
+    tech.close_session(session, None, len(ids))
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(layer.self_attn, "_thrifty_sink") for layer in model.model.layers)
+    assert not torch.allclose(sunk, plain, atol=1e-4)
+    torch.testing.assert_close(Session(bb).extend(ids, logits="all").logits, plain, atol=1e-6, rtol=0)
+    again, _ = tech.open_session(bb, None)  # the same sink parameters come back for the next decision
+    torch.testing.assert_close(again.extend(ids, logits="all").logits, sunk, atol=1e-6, rtol=0)
+    tech.close_session(again, None, len(ids))
+    tech.attach(bb)  # attached by the user: a session leaves it attached
+    session, _ = tech.open_session(bb, None)
+    tech.close_session(session, None, len(ids))
+    assert model.config._attn_implementation == sink_kv.ATTENTION_NAME
+
+
 def test_docstring_example_runs():
     assert doctest.testmod(sink_kv, raise_on_error=True).failed == 0

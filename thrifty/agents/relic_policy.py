@@ -116,29 +116,68 @@ class RelicConfig:
 @dataclass
 class TrialCache:
     """Keys and values of the trial's steps so far, per layer [B, Hkv, T, dh] (never the Sink-KV column);
-    `update(k, v, layer_idx)` is what a transformers attention module calls."""
+    `update(k, v, layer_idx)` is what a transformers attention module calls.
+
+    Acting appends one step at a time to a trial of thousands: each layer's keys and values live in a buffer
+    whose capacity doubles when full, so a step writes its slice instead of copying the whole cache
+    (`torch.cat` per step is O(T) a step, O(T^2) a trial). `update` returns views of the filled part. Tensors
+    that carry gradients (training through the cache) are concatenated instead, so no in-place write touches
+    a tensor autograd saved."""
 
     n_layers: int
     keys: list = field(default_factory=list)
     values: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.keys = [None] * self.n_layers
-        self.values = [None] * self.n_layers
+        self.keys = [_Growing(dim=2) for _ in range(self.n_layers)]
+        self.values = [_Growing(dim=2) for _ in range(self.n_layers)]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        if self.keys[layer_idx] is not None:
-            k = torch.cat([self.keys[layer_idx], k], dim=2)
-            v = torch.cat([self.values[layer_idx], v], dim=2)
-        self.keys[layer_idx], self.values[layer_idx] = k, v
-        return k, v
+        return self.keys[layer_idx].append(k), self.values[layer_idx].append(v)
 
     @property
     def length(self) -> int:
-        return 0 if self.keys[0] is None else int(self.keys[0].shape[2])
+        return self.keys[0].length if self.keys else 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        """Bytes of the cached keys and values (the filled part)."""
+        return sum(g.nbytes() for g in self.keys + self.values)
+
+    def reserved_bytes(self) -> int:
+        """Bytes the buffers hold, spare capacity included (at most twice `nbytes`)."""
+        return sum(g.reserved_bytes() for g in self.keys + self.values)
+
+
+class _Growing:
+    """A tensor that grows along `dim` in a buffer of doubling capacity; `append` returns the filled view."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.buf, self.length = dim, None, 0
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        d, n = self.dim, x.shape[self.dim]
+        if self.buf is None or x.requires_grad or self.buf.requires_grad:
+            self.buf = x if self.buf is None else torch.cat([self.view(), x], d)
+            self.length = self.buf.shape[d]
+            return self.buf
+        if self.length + n > self.buf.shape[d]:
+            shape = list(self.buf.shape)
+            shape[d] = max(2 * shape[d], self.length + n)
+            grown = self.buf.new_empty(shape)
+            grown.narrow(d, 0, self.length).copy_(self.view())
+            self.buf = grown
+        self.buf.narrow(d, self.length, n).copy_(x)
+        self.length += n
+        return self.view()
+
+    def view(self) -> torch.Tensor:
+        return self.buf.narrow(self.dim, 0, self.length)
+
+    def nbytes(self) -> int:
+        return 0 if self.buf is None else self.view().numel() * self.buf.element_size()
+
+    def reserved_bytes(self) -> int:
+        return 0 if self.buf is None else self.buf.numel() * self.buf.element_size()
 
 
 @dataclass
@@ -152,9 +191,9 @@ class TrialState:
     """[B] index of the current episode in the trial (-1 before the first step)"""
     step: torch.Tensor | None = None
     """[B] index of the last step in its episode"""
-    key_episode: torch.Tensor | None = None
+    key_episode: _Growing = field(default_factory=lambda: _Growing(dim=1))
     """[B, tokens] episode of every cached token (-1 for the sink token)"""
-    key_always: torch.Tensor | None = None
+    key_always: _Growing = field(default_factory=lambda: _Growing(dim=0))
     """[tokens] bool: visible to every later query whatever the episode (the sink token)"""
 
 
@@ -220,9 +259,7 @@ class RelicPolicy(nn.Module):
         """A new trial for `batch` environments (the sink token, if any, goes into the cache now)."""
         dev = self.obs_low.device
         state = TrialState(TrialCache(self.config.n_layers), episode=torch.full((batch,), -1, device=dev),
-                           step=torch.full((batch,), -1, device=dev),
-                           key_episode=torch.zeros(batch, 0, dtype=torch.long, device=dev),
-                           key_always=torch.zeros(0, dtype=torch.bool, device=dev))
+                           step=torch.full((batch,), -1, device=dev))
         if self.sink_token is not None:
             h = self.sink_token.expand(batch, 1, -1)
             self._layers(state, h, torch.full((batch, 1), -1, device=dev), torch.ones(1, dtype=torch.bool,
@@ -250,8 +287,8 @@ class RelicPolicy(nn.Module):
         """Run the decoder layers on new tokens h [B, q, d] of episodes [B, q], appending them to the cache."""
         b, q, _ = h.shape
         token = torch.arange(state.tokens, state.tokens + q, device=h.device)  # index in the trial's sequence
-        key_episode = torch.cat([state.key_episode, episode], 1)  # [B, k]
-        key_always = torch.cat([state.key_always, always])  # [k]
+        key_episode = state.key_episode.append(episode)  # [B, k]
+        key_always = state.key_always.append(always)  # [k]
         key_token = torch.arange(state.tokens + q, device=h.device)
         visible = (key_token[None, :] <= token[:, None])[None]  # [1, q, k] causal, explicit
         if not self.config.inter_episode:
@@ -263,7 +300,6 @@ class RelicPolicy(nn.Module):
         for i in range(self.backbone.n_layers):
             h = self.backbone.run_layer(i, h, rope, mask, state.cache, position_embeddings=pe)
         state.tokens += q
-        state.key_episode, state.key_always = key_episode, key_always
         return h
 
     # ------------------------------------------------------------------ checkpoints

@@ -180,6 +180,7 @@ class SinkKV(Technique):
         """the sink of the model attached to (None before `attach`, and for none and token)"""
         self._model_ref: weakref.ref | None = None
         self._previous_attention: str | None = None
+        self._attached_by_session = False
 
     @property
     def changes_attention(self) -> bool:
@@ -228,8 +229,18 @@ class SinkKV(Technique):
         if self.variant == "token":
             raise ValueError("sink variant 'token' prepends a learned input embedding, which a planner session over "
                              "token ids cannot hold; use it in a model built for it (thrifty.agents.relic_policy)")
+        model = _causal_lm(backbone)
+        already = getattr(_attention_modules(model)[0], "_thrifty_sink", None) is not None
         self.attach(backbone)
+        # attached for this decision only: the backbone may be shared (a bench process keeps one per model for
+        # every configuration), so close_session gives it back as it was
+        self._attached_by_session = self.changes_attention and not already
         return super().open_session(backbone, ctx)
+
+    def close_session(self, session, ctx: DecisionContext, decode_from: int) -> None:
+        if self._attached_by_session:
+            self.detach(session.backbone)
+            self._attached_by_session = False
 
     def report(self) -> dict[str, Any]:
         return {"sink_variant": self.variant, "sink_columns": int(self.changes_attention)}
