@@ -163,9 +163,17 @@ def bench_coop_cmd(
                  "it, or --out with another path")
     except (PrunerMismatchError, FileNotFoundError, ResultsMismatchError, ValueError) as e:
         fail(str(e))
+    from thrifty.bench.coop import coop_distinct_episodes
+
+    distinct = coop_distinct_episodes(episodes, ks)  # by resetting the env only: the floor is all of them
+    collapsed = {k: n for k, n in distinct.items() if n < episodes}
+    if collapsed:
+        console.print(f"[yellow]warning[/]: the seeds give fewer distinct episodes than {episodes} at K = "
+                      + ", ".join(f"{k} ({n})" for k, n in collapsed.items())
+                      + "; the tables count each distinct episode once")
     jobs = coop_jobs(configs, episodes, ks)
     console.print(f"[bold]bench-coop[/]: {len(configs)} configurations x K in {list(ks)} x {episodes} episodes "
-                  f"-> {out}")
+                  f"({min(distinct.values())} or more distinct per K) -> {out}")
     records = run_jobs(jobs, coop_episode_fn(configs, model_dir, threads, decoding), results)
     rows = summarize_coop(records)
     print_coop_table(rows, console=console, title=f"thrifty bench-coop ({decoding} decoding)")
