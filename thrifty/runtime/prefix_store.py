@@ -204,7 +204,7 @@ class PrefixStore:
                 parent = self._split(parent, n - parent.start)
             kv: list[Segment] = []
             for l in range(session.backbone.n_layers):
-                seg = session.layer_kv(l)
+                seg = session.layer_kv(l, pin=False)  # copied by _take below
                 if seg is None:
                     seg = _empty_segment(session, l)
                 kv.append(_take(seg, (seg[2] >= n) & (seg[2] < length)))

@@ -4,8 +4,12 @@ Every cached key remembers the position it was computed at (`positions[l]`), so 
 subsets of the sequence (token pruning, eviction) and masks stay exact: a query at position p attends to
 every cached key of its layer with position <= p (inside the layer's sliding window, if any).
 
-Tensors are never modified in place: appending concatenates into new tensors and truncation indexes into
-new tensors, so `fork()` can share storage safely between sessions.
+Keys and values grow in buffers of geometric capacity (1.5x, `_KVBuffer`): a layer's cache is a view of its buffer's
+first T_l slots, and appending writes the new slots in place instead of copying the whole cache per call (at a
+2.5k-token context that copy was a fixed cost of every decoded token). Shared storage stays safe: a session
+writes in place only at its buffer's frontier (no other session has data there) and never below the buffer's
+pin, the longest prefix handed out (`fork`, `layer_kv`); anything else copies into a new buffer first. So a
+tensor a fork or a prefix store holds is never modified.
 
 Shapes: keys/values of layer l are [1, kv_heads, T_l, head_dim]; positions[l] is LongTensor [T_l].
 """
@@ -39,14 +43,21 @@ class ExtendResult:
 
 @dataclass
 class DecodeResult:
-    """token_ids: the greedy tokens emitted; works[i]: per-layer work of feeding token_ids[i] back."""
+    """token_ids: the greedy tokens emitted; works[i]: per-layer work of feeding token_ids[i] back (a final stop
+    id is not fed back, so it has no entry)."""
 
     token_ids: list[int] = field(default_factory=list)
     works: list[list[LayerWork]] = field(default_factory=list)
 
 
-def _visible_pairs(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> int:
-    """Visible (query, key) pairs, counted without building a mask: key <= query (and query - key < window)."""
+def _visible_pairs(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None,
+                   cached: torch.Tensor | None = None) -> int:
+    """Visible (query, key) pairs, counted without building a mask: key <= query (and query - key < window).
+    `cached`: the keys before the queries' own (key_pos = cached + query_pos); when all of them come before the
+    first query and there is no window, the count is arithmetic (q T + q (q + 1) / 2), with no sort."""
+    q = int(query_pos.numel())
+    if window is None and cached is not None and (cached.numel() == 0 or int(cached[-1]) < int(query_pos[0])):
+        return q * int(cached.numel()) + q * (q + 1) // 2
     keys = torch.sort(key_pos).values
     pairs = torch.searchsorted(keys, query_pos, right=True).sum()
     if window is not None:
@@ -54,18 +65,50 @@ def _visible_pairs(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int |
     return int(pairs)
 
 
-class _LayerCache:
-    """The object handed to attention modules as `past_key_values`: `update` appends (out of place)."""
+class _KVBuffer:
+    """One layer's keys (or values) [1, kv_heads, capacity, head_dim]. `filled`: slots written so far (the
+    frontier); `pinned`: the longest prefix of it handed out, which no one may overwrite."""
 
-    def __init__(self, keys: list, values: list) -> None:
-        self.keys, self.values = keys, values
+    __slots__ = ("data", "filled", "pinned")
+
+    def __init__(self, data: torch.Tensor, filled: int) -> None:
+        self.data, self.filled, self.pinned = data, filled, 0
+
+
+def _append(buf: _KVBuffer | None, current: torch.Tensor | None, new: torch.Tensor) -> tuple[_KVBuffer, torch.Tensor]:
+    """current [1, H, T, hd] (a view of buf's first T slots, or any tensor when buf is None) + new [1, H, q, hd]
+    -> (the buffer now holding both, its view [1, H, T + q, hd])."""
+    t = 0 if current is None else current.shape[-2]
+    q = new.shape[-2]
+    if new.requires_grad or (current is not None and current.requires_grad):  # autograd: no in-place writes
+        full = new if current is None else torch.cat([current, new], dim=-2)
+        return _KVBuffer(full, full.shape[-2]), full
+    owner = buf is not None and buf.filled == t and t >= buf.pinned
+    if not owner or t + q > buf.data.shape[-2]:
+        shape = list(new.shape)
+        shape[-2] = max((3 * (t + q)) // 2, t + q + 64)  # geometric growth: O(1) copies per token
+        data = new.new_empty(shape)
+        if t:
+            data[..., :t, :].copy_(current)
+        buf = _KVBuffer(data, t)
+    buf.data[..., t:t + q, :].copy_(new)
+    buf.filled = t + q
+    return buf, buf.data[..., :t + q, :]
+
+
+class _LayerCache:
+    """The object handed to attention modules as `past_key_values`: `update` appends through the session's
+    buffers (see the module docstring)."""
+
+    def __init__(self, keys: list, values: list, bufs: list) -> None:
+        self.keys, self.values, self.bufs = keys, values, bufs
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
         """k, v [1, kv_heads, q, hd] -> all keys/values of the layer [1, kv_heads, T + q, hd]."""
-        if self.keys[layer_idx] is not None:
-            k = torch.cat([self.keys[layer_idx], k], dim=-2)
-            v = torch.cat([self.values[layer_idx], v], dim=-2)
-        self.keys[layer_idx], self.values[layer_idx] = k, v
+        kb, vb = self.bufs[layer_idx] or (None, None)
+        kb, k = _append(kb, self.keys[layer_idx], k)
+        vb, v = _append(vb, self.values[layer_idx], v)
+        self.keys[layer_idx], self.values[layer_idx], self.bufs[layer_idx] = k, v, (kb, vb)
         return k, v
 
 
@@ -81,6 +124,7 @@ class Session:
         n = backbone.n_layers
         self._keys: list[torch.Tensor | None] = [None] * n
         self._values: list[torch.Tensor | None] = [None] * n
+        self._bufs: list[tuple[_KVBuffer, _KVBuffer] | None] = [None] * n  # where _keys/_values[l] live, if owned
         empty = torch.empty(0, dtype=torch.long, device=backbone.device)
         self.positions: list[torch.Tensor] = [empty] * n
         self.next_position = 0
@@ -113,10 +157,12 @@ class Session:
             raise ValueError("extend() needs at least one token")
         start = self.next_position
         pos = torch.arange(start, start + q, dtype=torch.long, device=bb.device)
-        keys, values, positions = list(self._keys), list(self._values), list(self.positions)
-        cache = _LayerCache(keys, values)
+        keys, values, positions, bufs = list(self._keys), list(self._values), list(self.positions), list(self._bufs)
+        cache = _LayerCache(keys, values, bufs)
         works: list[LayerWork] = []
-        sdpa = getattr(bb.config, "_attn_implementation", None) == "sdpa"
+        impl = getattr(bb.config, "_attn_implementation", None)
+        sdpa = impl == "sdpa"
+        last_mask = None  # (key_pos, window, mask, pos): layers with the same queries and keys share one mask
         with torch.no_grad():
             h = bb.embed(ids_t[None])
             pe = bb.rotary(h, pos)
@@ -129,8 +175,19 @@ class Session:
                 # is_causal is exact (original positions reach attention through the rotary tables only);
                 # building a [q, k] mask costs as much as the attention itself at 4k tokens.
                 plain = positions[l].numel() == 0 and window is None and sdpa
-                mask = None if plain else bb.attention_mask(pos, key_pos, l)
-                works.append(LayerWork(queries=int(pos.numel()), pairs=_visible_pairs(pos, key_pos, window)))
+                # one query after all its keys (a decoded token) sees every key: no mask needed either (sdpa,
+                # eager, and sink_kv's attention, whose None mask is causal with the queries last)
+                single = pos.numel() == 1 and window is None and impl in ("sdpa", "eager", "thrifty_sink_kv")
+                if plain or single:
+                    mask = None
+                elif (last_mask is not None and last_mask[3] is pos and last_mask[1] == window
+                      and last_mask[0].numel() == key_pos.numel() and torch.equal(last_mask[0], key_pos)):
+                    mask = last_mask[2]
+                else:
+                    mask = bb.attention_mask(pos, key_pos, l)
+                    last_mask = (key_pos, window, mask, pos)
+                works.append(LayerWork(queries=int(pos.numel()),
+                                       pairs=_visible_pairs(pos, key_pos, window, cached=positions[l])))
                 h = bb.run_layer(l, h, pos, mask, cache, position_embeddings=pe)
                 positions[l] = key_pos
                 if layer_hook is None:
@@ -150,8 +207,9 @@ class Session:
                 out = bb.logits(h[0, -1:])
             else:
                 out = bb.logits(h[0])
-        # commit
-        self._keys, self._values, self.positions = keys, values, positions
+        # commit (a call that failed midway may have moved some buffers' frontier past this session's caches:
+        # then the session no longer owns them and its next append copies, so nothing is lost or shared wrongly)
+        self._keys, self._values, self.positions, self._bufs = keys, values, positions, bufs
         self.next_position = start + q
         self.token_ids.extend(int(t) for t in ids_t.tolist())
         if span is not None:
@@ -170,7 +228,9 @@ class Session:
     def decode(self, max_new_tokens: int, stop_ids: Sequence[int] = (),
                choose: Callable[[torch.Tensor, list[int]], int] | None = None) -> DecodeResult:
         """Greedy decoding from the last extend's final logits. Each emitted token is fed back through
-        `extend` (so the session contains it); stops after a stop id or `max_new_tokens` tokens.
+        `extend` (so the session contains it), except a stop id: decoding ends there and nothing needs its
+        logits, so the session ends before it (a later `extend` appends it with the next tokens, in one pass).
+        Stops after a stop id or `max_new_tokens` tokens.
 
         choose(logits [vocab], emitted ids) -> id replaces argmax (constrained decoding,
         `thrifty.runtime.constrained.TextSetConstraint.choose`)."""
@@ -184,23 +244,38 @@ class Session:
         for _ in range(max_new_tokens):
             tok = int(self._last_logits.argmax()) if choose is None else int(choose(self._last_logits, res.token_ids))
             res.token_ids.append(tok)
-            res.works.append(self.extend([tok]).works)
             if tok in stop:
                 break
+            res.works.append(self.extend([tok]).works)
         return res
 
     # ------------------------------------------------------------------ state management
     def fork(self) -> "Session":
-        """A cheap copy sharing tensors; since no tensor is ever modified in place, the two stay independent."""
+        """A cheap copy sharing tensors; the shared prefix is pinned, so neither session overwrites it and the two
+        stay independent."""
         other = Session.__new__(Session)
         other.backbone = self.backbone
+        self._pin_all()
         other._keys, other._values = list(self._keys), list(self._values)
+        other._bufs = list(self._bufs)
         other.positions = list(self.positions)
         other.next_position = self.next_position
         other.token_ids = list(self.token_ids)
         other.spans = dict(self.spans)
         other._last_logits = self._last_logits
         return other
+
+    def _pin_all(self) -> None:
+        for l in range(len(self._bufs)):
+            self._pin(l)
+
+    def _pin(self, layer: int) -> None:
+        """Mark layer's cached slots as handed out: no session writes over them again."""
+        b = self._bufs[layer]
+        if b is not None:
+            n = int(self.positions[layer].numel())
+            for buf in b:
+                buf.pinned = max(buf.pinned, n)
 
     def rollback(self, to_position: int) -> None:
         """Forget everything at positions >= to_position (cache entries, token ids, spans are clipped).
@@ -210,12 +285,27 @@ class Session:
         for l, p in enumerate(self.positions):
             keep = p < to_position
             if not bool(keep.all()):
-                self._keep_entries(l, keep)
+                self._keep_prefix(l, int(keep.sum()))  # positions are sorted: what is kept is a prefix
         self.token_ids = self.token_ids[:to_position]
         self.spans = {n: (s, min(e, to_position)) for n, (s, e) in self.spans.items() if s < to_position}
         if to_position != self.next_position:
             self._last_logits = None
         self.next_position = to_position
+
+    def _keep_prefix(self, layer: int, m: int) -> None:
+        """Keep the first m entries of `layer`. Views of the same buffer; if this session owns the buffer's frontier
+        and nothing past m was handed out, the frontier moves back to m, so the next append writes in place."""
+        n = int(self.positions[layer].numel())
+        self.positions[layer] = self.positions[layer][:m]
+        if self._keys[layer] is None:
+            return
+        self._keys[layer] = self._keys[layer][:, :, :m]
+        self._values[layer] = self._values[layer][:, :, :m]
+        b = self._bufs[layer]
+        if b is not None:
+            for buf in b:
+                if buf.filled == n and m >= buf.pinned:
+                    buf.filled = m
 
     def drop_positions(self, drops: dict[int, torch.Tensor]) -> int:
         """Remove from layer l its entries at the original positions drops[l] (LongTensor [n]); returns how many.
@@ -233,8 +323,9 @@ class Session:
         return removed
 
     def _keep_entries(self, layer: int, keep: torch.Tensor) -> None:
-        """Keep only the entries of `layer` selected by the bool mask keep [T_l] (out of place)."""
+        """Keep only the entries of `layer` selected by the bool mask keep [T_l] (new tensors, in no buffer)."""
         self.positions[layer] = self.positions[layer][keep]
+        self._bufs[layer] = None
         if self._keys[layer] is not None:
             self._keys[layer] = self._keys[layer][:, :, keep]
             self._values[layer] = self._values[layer][:, :, keep]
@@ -262,16 +353,24 @@ class Session:
         """Cached entries per layer, [T_0, ..., T_{L-1}]."""
         return [int(p.numel()) for p in self.positions]
 
-    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def layer_kv(self, layer: int, pin: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(keys [1, kv_heads, T_l, hd], values, positions [T_l]) of one layer, or None while it is empty.
-        Read only: the tensors are shared with forks and prefix stores."""
+        Read only: the tensors are shared with forks and prefix stores. `pin=False` only for a caller that copies
+        what it needs before this session changes again (the slots may be rewritten after a rollback)."""
         if self._keys[layer] is None:
             return None
+        if pin:
+            self._pin(layer)
         return self._keys[layer], self._values[layer], self.positions[layer]
 
     def kv_tensors(self) -> list[torch.Tensor]:
-        """[k_0, v_0, k_1, v_1, ...], each [1, kv_heads, T_l, head_dim] (for `thrifty.cost.kv_bytes`)."""
+        """[k_0, v_0, k_1, v_1, ...], each [1, kv_heads, T_l, head_dim] (for `thrifty.cost.kv_bytes`: the filled
+        part; the buffers' spare capacity is `reserved_kv_bytes`). Read at once: not pinned."""
         return [t for kv in zip(self._keys, self._values) for t in kv if t is not None]
+
+    def reserved_kv_bytes(self) -> int:
+        """Bytes of the buffers this session's caches live in, spare capacity included (shared buffers counted)."""
+        return sum(buf.data.numel() * buf.data.element_size() for b in self._bufs if b is not None for buf in b)
 
     def __len__(self) -> int:
         return len(self.token_ids)
