@@ -388,3 +388,18 @@ def test_dodge_spreads_coinciding_points_only():
     assert math.isclose(sum(shown[:3]) / 3, 0.5) and max(abs(y - 0.5) for y in shown) < 0.1
     assert dodge([1e9, 1e9], [0.5, 1.0]) == [0.5, 1.0]  # same FLOPs, other success: apart already
 
+
+
+def test_the_table_reports_speedup_over_the_flops_ratio_against_full():
+    from thrifty.bench.report import summarize
+
+    def ep(config, level, wall, flops):
+        return {"config": config, "level": level, "success": True, "steps": 4, "decisions": 4, "flops_total": flops,
+                "wall_median_s": wall, "episode_key": f"{level}-{config}"}
+
+    rows = {(r["config"], r["level"]): r for r in summarize(
+        [ep("full", "A", 0.8, 4e9), ep("reuse", "A", 0.1, 4e8), ep("reuse", "B", 0.1, 4e8)], by_level=True)}
+    # 8x faster for 10x fewer FLOPs: 0.8 of the FLOPs limit
+    assert rows[("reuse", "A")]["efficiency_vs_full"] == pytest.approx(0.8)
+    assert rows[("full", "A")]["efficiency_vs_full"] == pytest.approx(1.0)
+    assert rows[("reuse", "B")]["efficiency_vs_full"] is None  # no full row on that level

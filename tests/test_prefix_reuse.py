@@ -360,4 +360,8 @@ def test_reuse_profile_replays_the_same_contexts(tiny_planner_dir, tmp_path):
     assert full["tokens_context"] == reuse["tokens_context"]
     assert reuse["flops"][-1] < full["flops"][-1] and reuse["prefix_tokens_reused"][0] == 0
     assert {(r["arm"], r["step"]) for r in doc["summary"]} == {(a, s) for a in ("full", "prefix_reuse") for s in (3, 6)}
+    for r in doc["summary"]:  # measured speedup over the FLOPs ratio; full against itself is 1
+        assert r["efficiency_vs_full"] == pytest.approx(r["speedup_vs_full"] * r["flops_vs_full"])
+        if r["arm"] == "full":
+            assert r["efficiency_vs_full"] == pytest.approx(1.0)
     assert (tmp_path / "profile.json").is_file() and (tmp_path / "profile.png").is_file()

@@ -57,6 +57,7 @@ ROW_FIELDS = (
     "peak_rss_mb",
     "kv_mb",
     "prefix_hit_rate",
+    "efficiency_vs_full",
 )
 
 _MB = float(2**20)
@@ -190,7 +191,22 @@ def summarize(episodes: Iterable[Mapping[str, Any]], by_level: bool = False) -> 
     for ep in episodes:
         level = ep.get("level") if by_level else "all"
         groups.setdefault((ep.get("config"), level), []).append(ep)
-    return [_row(config, level, eps) for (config, level), eps in groups.items()]
+    rows = [_row(config, level, eps) for (config, level), eps in groups.items()]
+    full = {r["level"]: r for r in rows if r["config"] == "full"}
+    for r in rows:
+        r["efficiency_vs_full"] = efficiency(full.get(r["level"]), r)
+    return rows
+
+
+def efficiency(full: Mapping[str, Any] | None, row: Mapping[str, Any]) -> float | None:
+    """Measured speedup over the full model divided by the FLOPs ratio (issue 22): 1.0 when a technique's latency
+    falls exactly as its FLOPs do, below 1 when fixed costs per decision (Python, masks, copies, one pass per
+    decoded token) eat the saving. None without a full row or a latency and FLOPs on both."""
+    keys = ("latency_median_s", "flops_per_decision")
+    if full is None or any(not full.get(k) or not row.get(k) for k in keys):
+        return None
+    speedup = full["latency_median_s"] / row["latency_median_s"]
+    return speedup / (full["flops_per_decision"] / row["flops_per_decision"])
 
 
 # ---------------------------------------------------------------------- formatting
@@ -229,7 +245,8 @@ def latency_note(episodes: Iterable[Mapping[str, Any]]) -> str:
     """The footnote saying what the latency column measures, and whether one-off warm-up costs are left out
     (episodes record `warmup_decisions`: untimed decisions their planner made in its process beforehand)."""
     warm = [_num(e, "warmup_decisions") or 0 for e in episodes]
-    note = "latency p50: median of the episodes' median decision wall times"
+    note = ("latency p50: median of the episodes' median decision wall times; speedup/FLOPs: full's latency over "
+            "this one's, divided by full's FLOPs over this one's (1.00: the time falls as the work does)")
     if not warm:
         return note
     cold = sum(1 for w in warm if w <= 0)
@@ -271,6 +288,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: s
         "peak RSS",
         "KV cache",
         "prefix hits",
+        "speedup/FLOPs",
     ):
         table.add_column(name, justify="right", no_wrap=True)
     for r in rows:
@@ -290,6 +308,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: s
             "–" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f} MB",
             "–" if r.get("kv_mb") is None else f"{r['kv_mb']:.2f} MB",
             "–" if r.get("prefix_hit_rate") is None else f"{r['prefix_hit_rate']:.1%}",
+            "–" if r.get("efficiency_vs_full") is None else f"{r['efficiency_vs_full']:.2f}",
         ]
         table.add_row(*cells)
     console.print(table)

@@ -123,7 +123,8 @@ def default_arms(pruning: str | None = "random_pruning", keep_ratio: float = 0.7
 
 
 def summarize_profile(arms: dict[str, dict[str, Any]], report_steps: tuple[int, ...]) -> list[dict[str, Any]]:
-    """One row per (arm, report step): median latency, speedup and FLOPs ratio against "full", hit rate so far."""
+    """One row per (arm, report step): median latency, speedup and FLOPs ratio against "full", their quotient
+    (`efficiency_vs_full`: speedup / (full's FLOPs / the arm's)), hit rate so far."""
     base = arms.get("full")
     rows = []
     for name, arm in arms.items():
@@ -138,6 +139,8 @@ def summarize_profile(arms: dict[str, dict[str, Any]], report_steps: tuple[int, 
             if base is not None:
                 row["speedup_vs_full"] = base["wall_median_s"][i] / arm["wall_median_s"][i]
                 row["flops_vs_full"] = arm["flops"][i] / base["flops"][i]
+                # measured speedup over the FLOPs ratio: 1.0 when time falls as the work does (issue 22)
+                row["efficiency_vs_full"] = row["speedup_vs_full"] * row["flops_vs_full"]
             rows.append(row)
     return rows
 
