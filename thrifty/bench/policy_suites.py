@@ -88,10 +88,11 @@ _BC = PolicyConfig("bc-mlp", "bc-mlp")
 POLICY_SUITES: dict[str, PolicySuite] = {
     "metaworld": PolicySuite("metaworld", "Meta-World MT10: the scripted expert and the shipped BC MLP policy on "
                              "evaluation layouts", (_EXPERT, _BC), _mt10(), episodes=30),
-    "lram": PolicySuite("lram", "LRAM's action models on Meta-World MT10: xLSTM stepping with a fixed-size state, "
-                        "against a Decision Transformer over the whole history and over a 50-step window",
-                        # lram-mamba joins when its model is trained and shipped (docs/lram.md, "What remains")
+    "lram": PolicySuite("lram", "LRAM's action models on Meta-World MT10: xLSTM "
+                        "and Mamba stepping with a fixed-size state, against a Decision Transformer over the whole "
+                        "history and over a 50-step window",
                         (_EXPERT, PolicyConfig("lram-xlstm", "action-model", {"arch": "xlstm"}),
+                         PolicyConfig("lram-mamba", "action-model", {"arch": "mamba"}),
                          PolicyConfig("lram-dt", "action-model", {"arch": "dt"}),
                          PolicyConfig("lram-dt-window50", "action-model", {"arch": "dt", "window": 50})),
                         _mt10(), episodes=30),
