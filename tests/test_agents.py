@@ -115,6 +115,7 @@ def test_bad_replan_trigger():
 
 
 def test_decision_flops_match_the_session_work(planner):
+    planner.reset()  # no draft from an earlier decision
     ctx = PlannerContext(planner.tokenizer)
     ctx.start("go to the red ball")
     ctx.add_observation("facing east; carrying nothing; wall 2 ahead")
@@ -126,3 +127,28 @@ def test_decision_flops_match_the_session_work(planner):
     decode = sum(forward_flops(shape, [LayerWork.causal(1, T + i)] * shape.n_layers, 1) for i in range(rec.tokens_out))
     assert rec.prefill_flops == prefill and rec.flops == prefill + decode
     assert rec.tokens_per_layer == [T] * shape.n_layers and rec.exit_layer == shape.n_layers
+
+
+def test_drafting_the_first_token_changes_no_decision_and_counts_its_work(planner):
+    """The planner's one-token draft (the previous decision's first token) gives the same texts as plain greedy
+    decoding over a whole episode, and an accepted draft's work is in the prefill (T + 1 tokens, 2 logit rows)."""
+    texts = {}
+    for draft in (False, True):
+        planner.draft = draft
+        planner.reset()
+        res = run_episode(planner, "GoToLocal", eval_seed(4), EpisodeConfig(max_steps=12))
+        texts[draft] = (res["actions"], res["unparseable"])
+    planner.draft = True
+    assert texts[False] == texts[True]
+    from thrifty.cost import LayerWork, forward_flops
+    planner.reset()
+    ctx = PlannerContext(planner.tokenizer)
+    ctx.start("go to the red ball")
+    ctx.add_observation("facing east; carrying nothing; wall 2 ahead")
+    first, _ = planner.decide(ctx)
+    planner._last_first = planner.tokenizer.encode(first, add_special_tokens=False)[0]  # a right draft
+    text, rec = planner.decide(ctx)
+    assert text == first
+    shape, T = planner.backbone.shape, len(ctx.ids)
+    prefill = forward_flops(shape, [LayerWork.causal(T + 1)] * shape.n_layers, n_logits=2)
+    assert rec.prefill_flops == prefill and rec.tokens_per_layer == [T + 1] * shape.n_layers

@@ -131,3 +131,38 @@ def test_a_session_built_on_a_base_keeps_its_tensors_when_the_base_rewrites():
     base.rollback(3)
     base.extend(torch.arange(200, 240))  # the base rewrites slots 3.. of its buffers: not those handed out
     assert _unchanged(hit, snap)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 60), min_size=1, max_size=12), st.integers(0, 63), st.integers(1, 4))
+def test_a_draft_never_changes_what_decoding_emits(prompt, draft, n_new):
+    """Speculative decoding with a one-token draft: accepted or not, decode emits greedy's tokens, and the session
+    then holds the caches of extend + decode (within float tolerance)."""
+    base = _fresh(list(range(5)))
+    plain, drafted = base.fork(), base.fork()
+    plain.extend(prompt)
+    ref = plain.decode(n_new)
+    res = drafted.extend_with_draft(prompt, draft)
+    assert res.draft_accepted == (ref.token_ids[0] == draft)
+    assert (res.logits[0] - plain_logits(base, prompt)).abs().max().item() <= TOL
+    out = drafted.decode(n_new)
+    assert out.token_ids == ref.token_ids
+    assert len(out.works) == len(ref.works) - int(res.draft_accepted)  # one pass less when the draft was right
+    assert drafted.token_ids == plain.token_ids and drafted.next_position == plain.next_position
+    assert all((a - b).abs().max().item() <= TOL for a, b in zip(drafted.kv_tensors(), plain.kv_tensors()))
+
+
+def plain_logits(base, prompt):
+    s = base.fork()
+    return s.extend(prompt).logits[0]
+
+
+def test_a_rejected_draft_leaves_no_trace_and_constrained_choice_is_respected():
+    s = _fresh(list(range(6)))
+    first = s.fork().extend([7, 8]).logits[0].argmax().item()
+    wrong = (first + 1) % 64
+    res = s.fork().extend_with_draft([7, 8], wrong)
+    assert res.draft_accepted is False
+    chosen = s.fork()
+    res = chosen.extend_with_draft([7, 8], wrong, choose=lambda logits, emitted: wrong)  # a constraint forcing it
+    assert res.draft_accepted is True and chosen.decode(1, choose=lambda logits, emitted: wrong).token_ids == [wrong]

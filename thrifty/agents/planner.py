@@ -88,6 +88,10 @@ class TextPlanner:
         self.max_new_tokens = max_new_tokens
         self.stop_ids = tuple(tokenizer.encode("\n", add_special_tokens=False))
         self.last_report: dict = {}
+        self.draft = True
+        """speculate on each decision's first token: the previous decision's, fed with the prefill (one decode
+        pass less when right, the same output always; `Session.extend_with_draft`)"""
+        self._last_first: int | None = None
 
     @classmethod
     def load(cls, model_dir: str | Path, technique: Technique | None = None, **kw) -> "TextPlanner":
@@ -99,6 +103,7 @@ class TextPlanner:
 
     def reset(self) -> None:
         self.technique.reset()
+        self._last_first = None
 
     def decide(self, context: PlannerContext, seed: int = 0, choose=None,
                max_new_tokens: int | None = None) -> tuple[str, CostRecord]:
@@ -111,12 +116,18 @@ class TextPlanner:
         with PeakRSS() as mem, Stopwatch() as sw:
             session, new_from = self.technique.open_session(self.backbone, ctx)
             hook = self.technique.prefill_hook(ctx, shape.n_layers, new_from)
-            pre = session.extend(ids[new_from:], logits="last", layer_hook=hook)
-            decode_from = session.next_position
+            draft = self._last_first if self.draft and hook is None else None
+            if draft is None:
+                pre = session.extend(ids[new_from:], logits="last", layer_hook=hook)
+            else:
+                pre = session.extend_with_draft(ids[new_from:], draft, choose=choose)
+            decode_from = session.next_position - int(bool(pre.draft_accepted))
             out = session.decode(max_new_tokens or self.max_new_tokens, stop_ids=self.stop_ids, choose=choose)
+            first = out.token_ids[0] if out.token_ids else None
+            self._last_first = None if first is None or first in self.stop_ids else first
             text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
             self.technique.close_session(session, ctx, decode_from)
-        prefill_flops = forward_flops(shape, pre.works, n_logits=1)
+        prefill_flops = forward_flops(shape, pre.works, n_logits=1 if pre.draft_accepted is None else 2)
         decode_flops = sum(forward_flops(shape, w, n_logits=1) for w in out.works)
         record = CostRecord(
             tokens_in=len(context.ids) - new_from, tokens_context=len(context.ids), tokens_out=len(out.token_ids),

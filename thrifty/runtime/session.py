@@ -35,6 +35,8 @@ class ExtendResult:
     logits: torch.Tensor
     works: list[LayerWork]
     positions_kept: torch.Tensor
+    draft_accepted: bool | None = None
+    """`extend_with_draft` only: whether the drafted token was greedy's choice (and stayed in the session)"""
 
     @property
     def n_logits(self) -> int:
@@ -43,8 +45,9 @@ class ExtendResult:
 
 @dataclass
 class DecodeResult:
-    """token_ids: the greedy tokens emitted; works[i]: per-layer work of feeding token_ids[i] back (a final stop
-    id is not fed back, so it has no entry)."""
+    """token_ids: the greedy tokens emitted; works: per-layer work of feeding each emitted token back, in order (a
+    final stop id is not fed back, and a draft accepted by `extend_with_draft` was fed in the prefill's pass, so
+    neither has an entry)."""
 
     token_ids: list[int] = field(default_factory=list)
     works: list[list[LayerWork]] = field(default_factory=list)
@@ -131,6 +134,7 @@ class Session:
         self.token_ids: list[int] = []
         self.spans: dict[str, tuple[int, int]] = {}
         self._last_logits: torch.Tensor | None = None  # [vocab], logits after the final appended token
+        self._drafted: list[int] = []  # an accepted draft: emitted by the next decode without a pass of its own
 
     # ------------------------------------------------------------------ running the model
     def extend(
@@ -140,6 +144,7 @@ class Session:
         span: str | None = None,
         logits: Literal["last", "all"] = "last",
         layer_hook: LayerHook | None = None,
+        _rows: int = 1,
     ) -> ExtendResult:
         """Append tokens ids [q] (or [1, q]) at positions next_position..next_position+q-1.
 
@@ -204,12 +209,13 @@ class Session:
                     h, pos = h[:, keep], pos[keep]
                     pe = bb.rotary(h, pos)
             if logits == "last":
-                out = bb.logits(h[0, -1:])
+                out = bb.logits(h[0, -_rows:])
             else:
                 out = bb.logits(h[0])
         # commit (a call that failed midway may have moved some buffers' frontier past this session's caches:
         # then the session no longer owns them and its next append copies, so nothing is lost or shared wrongly)
         self._keys, self._values, self.positions, self._bufs = keys, values, positions, bufs
+        self._drafted = []
         self.next_position = start + q
         self.token_ids.extend(int(t) for t in ids_t.tolist())
         if span is not None:
@@ -241,13 +247,48 @@ class Session:
             )
         stop = {int(s) for s in stop_ids}
         res = DecodeResult()
+        drafted, self._drafted = self._drafted, []
         for _ in range(max_new_tokens):
+            if drafted:  # accepted by `extend_with_draft`: already in the session, its logits computed
+                res.token_ids.append(drafted.pop(0))
+                continue
             tok = int(self._last_logits.argmax()) if choose is None else int(choose(self._last_logits, res.token_ids))
             res.token_ids.append(tok)
             if tok in stop:
                 break
             res.works.append(self.extend([tok]).works)
         return res
+
+    def extend_with_draft(
+        self,
+        ids: Sequence[int] | torch.Tensor,
+        draft: int,
+        *,
+        choose: Callable[[torch.Tensor, list[int]], int] | None = None,
+        span: str | None = None,
+    ) -> ExtendResult:
+        """`extend(ids)` and, in the same pass, `draft`: a guess of the first token `decode` will emit (speculative
+        decoding with a one-token draft, e.g. the previous decision's first token). If greedy's choice after `ids`
+        (argmax, or `choose(logits, [])`) is the draft, it stays in the session and the next `decode` emits it
+        without a pass of its own, starting from the logits the pass computed after it; otherwise it is rolled back
+        (no copy: the frontier moves back) and `decode` runs as after `extend(ids)`. Either way `decode` emits
+        exactly what it would have after `extend(ids)`: causal attention keeps the draft out of every earlier
+        position. The result's `logits` are those after `ids` ([1, vocab]); its `works` include the draft's row.
+        No layer hook: a hook may drop the rows whose logits are needed."""
+        ids_t = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        end = self.next_position + int(ids_t.numel())
+        res = self.extend(torch.cat([ids_t, torch.tensor([int(draft)])]), span=None, _rows=2)
+        after_ids, after_draft = res.logits[0], res.logits[1]
+        first = int(after_ids.argmax()) if choose is None else int(choose(after_ids, []))
+        accepted = first == int(draft)
+        if not accepted:
+            self.rollback(end)
+        self._last_logits = after_draft if accepted else after_ids
+        self._drafted = [int(draft)] if accepted else []
+        if span is not None:
+            self.spans[span] = (end - int(ids_t.numel()), end)
+        return ExtendResult(logits=after_ids[None], works=res.works, positions_kept=res.positions_kept[:-1],
+                            draft_accepted=accepted)
 
     # ------------------------------------------------------------------ state management
     def fork(self) -> "Session":
@@ -263,6 +304,7 @@ class Session:
         other.token_ids = list(self.token_ids)
         other.spans = dict(self.spans)
         other._last_logits = self._last_logits
+        other._drafted = list(self._drafted)
         return other
 
     def _pin_all(self) -> None:
@@ -290,6 +332,7 @@ class Session:
         self.spans = {n: (s, min(e, to_position)) for n, (s, e) in self.spans.items() if s < to_position}
         if to_position != self.next_position:
             self._last_logits = None
+            self._drafted = []
         self.next_position = to_position
 
     def _keep_prefix(self, layer: int, m: int) -> None:
