@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from thrifty.envs import darkroom
-from thrifty.envs.darkroom import (MOVES, VARIANTS, DarkroomVectorEnv, UnknownDarkroomVariantError, optimal_return,
-                                   task_split)
+from thrifty.envs.darkroom import (MOVES, VARIANTS, DarkroomVectorEnv, UnknownDarkroomVariantError, greedy_action,
+                                   optimal_return, task_split)
 
 
 def test_variants_are_the_papers_settings():
@@ -52,10 +52,6 @@ def test_key_to_door_tasks_are_distinct_key_door_pairs():
     assert len(pairs) == spec.n_tasks
 
 
-def _greedy(pos, target):
-    """The move that reduces the distance to target along x first, else y, else stays: [n] actions."""
-    dx, dy = target[:, 0] - pos[:, 0], target[:, 1] - pos[:, 1]
-    return np.where(dx > 0, 0, np.where(dx < 0, 1, np.where(dy > 0, 2, np.where(dy < 0, 3, 4))))
 
 
 @pytest.mark.parametrize("variant", ["darkroom", "darkroom-ad", "darkroom-hard"])
@@ -68,7 +64,7 @@ def test_trials_keep_the_goal_and_the_greedy_expert_scores_the_optimal_return(va
     goal, _ = spec.task_cells(tasks)
     returns = np.zeros((3, 4))
     for t in range(3 * spec.horizon):
-        obs, r, term, trunc, info = envs.step(_greedy(obs, goal))
+        obs, r, term, trunc, info = envs.step(greedy_action(obs, goal))
         returns[t // spec.horizon] += r
         assert not term.any() and np.array_equal(info["task"], tasks)
         if (t + 1) % spec.horizon == 0:
@@ -98,7 +94,7 @@ def test_first_visit_rewards_once_and_key_to_door_needs_the_key_first():
     total, pos = 0.0, kd.pos.copy()
     for target in (key, door, key, door):
         while not np.array_equal(pos[0], target):
-            pos, r, *_ = kd.step(_greedy(pos, target[None]))
+            pos, r, *_ = kd.step(greedy_action(pos, target[None]))
             total += r[0]
     assert r_door_first == 0 and total == 2.0
 
@@ -190,7 +186,7 @@ def test_key_to_door_matches_toymeta_until_the_door():
         pos = o.copy()
         for target in (key, door):  # walk to the key then the door, with random detours
             while not np.array_equal(pos[0], target):
-                a = _greedy(pos, target[None])[0] if rng.random() < 0.7 else rng.integers(0, 5)
+                a = greedy_action(pos, target[None])[0] if rng.random() < 0.7 else rng.integers(0, 5)
                 path.append(a)
                 s, r_t, term, *_ = theirs.step(int(_TO_TOYMETA[a]))
                 pos, r_o, _, tr, _ = ours.step([a])

@@ -209,6 +209,13 @@ def trial_positions(episode_start: torch.Tensor, episode_before: torch.Tensor, s
     return episode, step
 
 
+def sample_action(logits: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, A] -> (actions [B], their log-probabilities [B]), drawn with `generator`."""
+    logp = torch.log_softmax(logits.float(), -1)
+    action = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+    return action, logp.gather(1, action[:, None]).squeeze(1)
+
+
 class RelicPolicy(nn.Module):
     """Actor-critic transformer over a trial. Inputs per step, each [B, T]: obs [B, T, obs_dim] (raw), prev_action
     (the previous step's action, any value at an episode start), prev_reward, episode_start (bool)."""

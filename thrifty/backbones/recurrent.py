@@ -92,10 +92,10 @@ class _Stepping(nn.Module):
 
     def step(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         if self._compiled is not None and state is not None:
-            # a slice's strides, or the eager first step's against the compiled ones (xLSTM's (B, H, 1, 1)
-            # stabiliser comes out with strides (H, 1, H, 1)), would each force a recompile: one graph per
-            # batch size instead of two
-            return self._compiled(x.contiguous(), _canonical_strides(state))
+            # a slice's strides (x[:, i:i + 1] of a longer input is "contiguous" but keeps the long row stride),
+            # or the eager first step's against the compiled ones (xLSTM's (B, H, 1, 1) stabiliser comes out with
+            # strides (H, 1, H, 1)), would each force a recompile: made canonical, one graph per batch size
+            return self._compiled(_canonical_strides(x), _canonical_strides(state))
         return self._step(x, state)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -141,6 +142,72 @@ def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window:
         if stopped:
             break
         seen += warmup + repeats * (1 + spacing)  # the context the next length starts from
+    return rows
+
+
+@torch.inference_mode()
+def profile_arm_interleaved(model: ActionModel, contexts: list[int], batch: int = 1, repeats: int = 25,
+                            warmup: int = 5, limits: ProfileLimits | None = None, progress=None,
+                            label: str | None = None, min_warmup_s: float = 3.0, pass_index: int = 0) -> list[dict]:
+    """A recurrent arm's rows with the contexts timed in turn: the history is read once up to the longest context,
+    a copy of the (fixed-size) state kept at each context; then round after round, one timed step at every
+    context (the order rotated each round). A slow spell of the machine, or a drift over the minutes a pass
+    lasts, then lands on every context alike, and max/min compares contexts measured over the same seconds.
+    Rows as `profile_arm`'s, with `interleaved: True`."""
+    if model.cfg.arch == "dt":
+        raise ValueError("interleaved timing keeps a state per context: it is for the recurrent arms (xlstm, "
+                         "mamba); time the transformer with profile_arm")
+    import copy
+
+    limits = limits or ProfileLimits()
+    d, name = model.cfg.d_model, label or model.cfg.arch
+    spare = _Stepper(model, None)
+    t0, n = time.perf_counter(), 0
+    while warmup and (n < 30 or time.perf_counter() - t0 < min_warmup_s):
+        spare.feed(torch.zeros(batch, TOKENS_PER_STEP, d), chunk=TOKENS_PER_STEP)
+        n += 1
+    warmup_s = time.perf_counter() - t0
+    stepper, seen, g = _Stepper(model, None), 0, torch.Generator().manual_seed(0)
+    kept: list[tuple[int, Any, float]] = []  # (context, state there, seconds to read its history piece)
+    stopped = None
+    for L in sorted(contexts):
+        t0 = time.perf_counter()
+        while seen < L and time.perf_counter() - t0 <= limits.prefill_limit_s:
+            piece = min(L - seen, 1024)
+            stepper.feed(torch.randn(batch, TOKENS_PER_STEP * piece, d, generator=g))
+            seen += piece
+        if seen < L:
+            stopped = (f"history of {L} steps not read within {limits.prefill_limit_s:.0f} s (reached {seen})")
+            break
+        kept.append((L, copy.deepcopy(stepper.state), time.perf_counter() - t0))
+    times: list[list[float]] = [[] for _ in kept]
+    states = [s for _, s, _ in kept]
+    for r in range(warmup + repeats):
+        for j in range(len(kept)):
+            i = (j + r) % len(kept)
+            x = torch.randn(batch, TOKENS_PER_STEP, d, generator=g)
+            t0 = time.perf_counter()
+            for k in range(TOKENS_PER_STEP):
+                y, states[i] = model.backbone.step(x[:, k:k + 1], states[i])
+            times[i].append(time.perf_counter() - t0)
+    rows = []
+    for (L, state, prefill), t in zip(kept, times):
+        latency = statistics.median(t[warmup:])
+        rows.append({"arch": name, "batch": batch, "context_steps": L, "latency_median_s": latency,
+                     "flops_per_step": batch * TOKENS_PER_STEP * model.flops_per_token(L),
+                     "state_bytes": state_bytes(state), "prefill_s": prefill, "warmup_s": warmup_s,
+                     "stopped": (f"step {latency:.2f} s > {limits.time_limit_s} s"
+                                 if latency > limits.time_limit_s else None),
+                     "interleaved": True, "threads": torch.get_num_threads(), "pass": pass_index})
+        if progress:
+            progress(rows[-1])
+    if stopped:
+        rows.append({"arch": name, "batch": batch, "context_steps": sorted(contexts)[len(kept)],
+                     "latency_median_s": None, "flops_per_step": None, "state_bytes": state_bytes(stepper.state),
+                     "prefill_s": limits.prefill_limit_s, "warmup_s": warmup_s, "stopped": stopped,
+                     "interleaved": True, "threads": torch.get_num_threads(), "pass": pass_index})
+        if progress:
+            progress(rows[-1])
     return rows
 
 

@@ -232,6 +232,9 @@ def profile_action_models_cmd(
     min_warmup: float = typer.Option(3.0, min=0.0, help="seconds of warm-up steps per arm before the first context"),
     passes: int = typer.Option(1, min=1, help="measure every arm this many times, arms interleaved; the table and "
                                "plot keep the median per context over the passes (steadier on a shared machine)"),
+    interleave: bool = typer.Option(True, help="recurrent arms: keep a state at every context and time the "
+                                    "contexts in turn, round after round, so a drift of the machine hits all alike "
+                                    "(--no-interleave: one context after the other, as the transformer is timed)"),
     threads: int = typer.Option(1, min=1),
     out: Path = typer.Option(Path("results/action_models_profile.json"), help="rows (JSON, written after every "
                              "row); the plot beside it. Arms already in it are kept and skipped (resume)"),
@@ -244,7 +247,8 @@ def profile_action_models_cmd(
 
     from thrifty.agents.action_model import ActionModel, ActionModelConfig, ActionModelLoadError, load_action_model
     from thrifty.bench import write_summary_json
-    from thrifty.bench.action_profile import ProfileLimits, print_profile_table, profile_arm, profile_plot
+    from thrifty.bench.action_profile import (ProfileLimits, print_profile_table, profile_arm,
+                                              profile_arm_interleaved, profile_plot)
     from thrifty.bench.policy_suites import ASSETS
     from thrifty.cli._app import comma_list
 
@@ -298,9 +302,14 @@ def profile_action_models_cmd(
 
                 arm_rows: list[dict] = []
                 console.print(f"[bold]{name}[/bold], batch {b}, pass {p + 1} of {passes}")
-                profile_arm(model_for(name), ctx, batch=b, window=parsed[name][1], repeats=repeats,
-                            limits=ProfileLimits(time_limit, memory_limit_mb, prefill_limit), progress=keep,
-                            label=name, spacing=spacing, min_warmup_s=min_warmup, pass_index=p)
+                limits = ProfileLimits(time_limit, memory_limit_mb, prefill_limit)
+                if interleave and parsed[name][0] != "dt":
+                    profile_arm_interleaved(model_for(name), ctx, batch=b, repeats=repeats, limits=limits,
+                                            progress=keep, label=name, min_warmup_s=min_warmup, pass_index=p)
+                else:
+                    profile_arm(model_for(name), ctx, batch=b, window=parsed[name][1], repeats=repeats,
+                                limits=limits, progress=keep, label=name, spacing=spacing, min_warmup_s=min_warmup,
+                                pass_index=p)
                 rows += arm_rows
     print_profile_table(rows, console)
     plot = profile_plot(rows, out.with_suffix(".png"))

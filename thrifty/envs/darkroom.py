@@ -48,6 +48,12 @@ MOVES = np.array([[1, 0], [-1, 0], [0, 1], [0, -1], [0, 0]], dtype=np.int64)
 N_ACTIONS = len(MOVES)
 
 
+def greedy_action(pos: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The expert's move from cells pos [n, 2] towards target [n, 2]: along x first, then y, then stay -> [n]."""
+    dx, dy = target[:, 0] - pos[:, 0], target[:, 1] - pos[:, 1]
+    return np.where(dx > 0, 0, np.where(dx < 0, 1, np.where(dy > 0, 2, np.where(dy < 0, 3, 4))))
+
+
 @dataclass(frozen=True)
 class DarkroomSpec:
     """One variant of the family."""
