@@ -229,3 +229,16 @@ def test_the_expert_episodes_of_a_few_shot_trial_score_the_optimal_return():
         evaluate_trials(policy, episodes=3, expert_episodes=3)
     with pytest.raises(ValueError, match="too few"):
         curve_summary({**r, "returns": ret[:, :10].tolist()})
+
+
+def test_the_profile_reports_the_cache_bytes_of_its_context():
+    from thrifty.bench.relic_profile import acting_throughput, long_trial
+
+    env = DarkroomVectorEnv("darkroom")
+    policy = make_policy(RelicTrainConfig(variant="darkroom", model=TINY), env)
+    row = acting_throughput(policy, batch=3, context=50, repeats=2, warmup=1, chunk=16)
+    c = policy.config
+    per_step = c.n_layers * 2 * c.n_kv_heads * (c.d_model // c.n_heads) * 4  # keys and values, float32
+    assert row["kv_bytes"] == 3 * 50 * per_step and row["actions_per_s"] > 0
+    trial = long_trial(policy, steps=30)
+    assert trial["kv_bytes"] == 30 * per_step and trial["peak_rss_bytes"] > 0

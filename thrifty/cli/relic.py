@@ -94,3 +94,54 @@ def eval_relic_cmd(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
     console.print(f"results: {out}\nplot: {plot_curves(results, out.with_suffix('.png'))}")
+
+
+@app.command("profile-relic")
+def profile_relic_cmd(
+    policy: Optional[Path] = typer.Option(None, help="a trained ReLIC policy (default: an untrained one of the "
+                                          "recipe's size; the cost does not depend on the weights)"),
+    variant: str = typer.Option("darkroom", help="the environment whose spaces and horizon the steps follow"),
+    batch: int = typer.Option(20, min=1),
+    context: int = typer.Option(8192, min=1, help="steps of history before the timed steps"),
+    repeats: int = typer.Option(50, min=1),
+    long_trial_steps: int = typer.Option(65536, min=0, help="then act one trial of this many steps (0: skip)"),
+    threads: int = typer.Option(1, min=1),
+    out: Path = typer.Option(Path("results/relic_profile.json")),
+) -> None:
+    """Acting throughput (actions/s) and KV-cache bytes at BATCH x CONTEXT, and one long trial step by step."""
+    import torch
+    from rich.progress import Progress
+
+    from thrifty.agents.relic_policy import RelicPolicy
+    from thrifty.bench.relic_profile import acting_throughput, long_trial
+    from thrifty.envs.darkroom import DarkroomVectorEnv, UnknownDarkroomVariantError, get_spec
+    from thrifty.train.relic import RelicTrainConfig, make_policy
+
+    torch.set_num_threads(threads)
+    try:
+        spec, env = get_spec(variant), DarkroomVectorEnv(variant)
+        model = (RelicPolicy.load(policy, env.single_observation_space) if policy
+                 else make_policy(RelicTrainConfig(variant=variant), env))
+    except (ValueError, FileNotFoundError, UnknownDarkroomVariantError) as e:
+        fail(str(e))
+    params = sum(p.numel() for p in model.parameters())
+    result = {"policy": str(policy) if policy else "untrained, recipe size", "parameters": params,
+              "variant": variant}
+    row = acting_throughput(model, batch=batch, context=context, repeats=repeats, horizon=spec.horizon)
+    result["acting"] = row
+    console.print(f"batch {batch}, {context} steps of context: {row['actions_per_s']:.0f} actions/s "
+                  f"({row['step_median_s'] * 1e3:.2f} ms a step), KV cache {row['kv_bytes'] / 2**20:.1f} MiB "
+                  f"({row['kv_dtype']}), {params:,} parameters")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    if long_trial_steps:
+        with Progress(console=console) as bar:
+            task = bar.add_task(f"one trial of {long_trial_steps} steps", total=long_trial_steps)
+            trial = long_trial(model, steps=long_trial_steps, horizon=spec.horizon,
+                               progress=lambda n: bar.advance(task, n))
+        result["long_trial"] = trial
+        console.print(f"one {long_trial_steps}-step trial: {trial['wall_s']:.0f} s ({trial['steps_per_s']:.0f} "
+                      f"steps/s), KV cache {trial['kv_bytes'] / 2**20:.1f} MiB, peak RSS "
+                      f"{trial['peak_rss_bytes'] / 2**30:.2f} GiB")
+        out.write_text(json.dumps(result, indent=1))
+    console.print(f"results: {out}")
