@@ -115,20 +115,25 @@ def test_profile_rows_show_constant_recurrent_state_and_growing_kv():
     assert len(stopped) == 1 and "MB >" in stopped[0]["stopped"]
 
 
-def test_interleaved_profile_times_every_context_from_its_own_state():
-    from thrifty.bench.action_profile import ProfileLimits, profile_arm_interleaved
+def test_interleaved_profile_times_every_arm_and_context_from_its_own_state():
+    from thrifty.bench.action_profile import Arm, ProfileLimits, profile_interleaved
 
-    for arch in ("xlstm", "mamba"):
-        rows = profile_arm_interleaved(_model(arch), [20, 4, 40], repeats=2, warmup=1, min_warmup_s=0,
-                                       limits=ProfileLimits(time_limit_s=60))
-        assert [r["context_steps"] for r in rows] == [4, 20, 40] and all(r["interleaved"] for r in rows)
-        assert all(r["latency_median_s"] > 0 and r["stopped"] is None for r in rows)
-        assert len({r["state_bytes"] for r in rows}) == 1 and len({r["flops_per_step"] for r in rows}) == 1
-    stopped = profile_arm_interleaved(_model("xlstm"), [4, 5000], repeats=1, warmup=0, min_warmup_s=0,
-                                      limits=ProfileLimits(prefill_limit_s=0.0))
+    arms = [Arm("xlstm", _model("xlstm")), Arm("mamba", _model("mamba")), Arm("dt", _model("dt")),
+            Arm("dt-window", _model("dt"), window=2)]
+    rows = profile_interleaved(arms, [20, 4, 40], repeats=2, warmup=1, min_warmup_s=0,
+                               limits=ProfileLimits(time_limit_s=60))
+    by = {a.label: [r for r in rows if r["arch"] == a.label] for a in arms}
+    for label, got in by.items():
+        assert [r["context_steps"] for r in got] == [4, 20, 40] and all(r["interleaved"] for r in got)
+        assert all(r["latency_median_s"] > 0 and r["stopped"] is None for r in got)
+    for label in ("xlstm", "mamba", "dt-window"):
+        assert len({r["state_bytes"] for r in by[label]}) == 1  # a fixed-size state, or a window
+    kv = [r["state_bytes"] for r in by["dt"]]  # at the context the timed steps start from
+    assert kv[1] == 5 * kv[0] and kv[2] == 10 * kv[0]
+    assert by["dt"][2]["flops_per_step"] > by["dt"][0]["flops_per_step"]
+    stopped = profile_interleaved([Arm("xlstm", _model("xlstm"))], [4, 5000], repeats=1, warmup=0, min_warmup_s=0,
+                                  limits=ProfileLimits(prefill_limit_s=0.0))
     assert stopped[-1]["latency_median_s"] is None and "not read within" in stopped[-1]["stopped"]
-    with pytest.raises(ValueError, match="recurrent arms"):
-        profile_arm_interleaved(_model("dt"), [4])
 
 
 def test_passes_combine_to_the_median_per_context_with_their_range():
@@ -196,10 +201,13 @@ def test_profile_command_writes_rows_and_plot_and_refuses_unknown_arms(tmp_path)
     assert r.exit_code == 0, r.output
     rows = json.loads(out.read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
-    # the transformer: 4, then 4 + 5 warm-up + 1 timed + 9 spacing (closer contexts start later); the recurrent
-    # arm, interleaved, times each context from its own copy of the state, at exactly that context
-    assert [row["context_steps"] for row in rows if row["arch"] == "dt-window3"] == [4, 19]
+    # interleaved: each context is timed from its own copy of the state, at exactly that context
+    assert [row["context_steps"] for row in rows if row["arch"] == "dt-window3"] == [4, 8]
     assert [row["context_steps"] for row in rows if row["arch"] == "xlstm"] == [4, 8]
+    r = runner.invoke(app, ["profile-action-models", "--arch", "dt", "--contexts", "4,8", "--repeats", "1",
+                            "--min-warmup", "0", "--no-interleave", "--out", str(tmp_path / "seq.json")])
+    assert r.exit_code == 0, r.output  # one context after the other: 4, then 4 + 5 warm-up + 1 timed + 9 spacing
+    assert [row["context_steps"] for row in json.loads((tmp_path / "seq.json").read_text())] == [4, 19]
     assert out.with_suffix(".png").stat().st_size > 0
     r = runner.invoke(app, ["profile-action-models", "--arch", "xlstm", "--contexts", "4", "--repeats", "1",
                             "--min-warmup", "0", "--passes", "2", "--out", str(out)])

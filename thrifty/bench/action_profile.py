@@ -145,69 +145,87 @@ def profile_arm(model: ActionModel, contexts: list[int], batch: int = 1, window:
     return rows
 
 
+@dataclass
+class Arm:
+    """One arm of an interleaved profile: a label, its model, and for the transformer an optional window."""
+
+    label: str
+    model: ActionModel
+    window: int | None = None
+
+
 @torch.inference_mode()
-def profile_arm_interleaved(model: ActionModel, contexts: list[int], batch: int = 1, repeats: int = 25,
-                            warmup: int = 5, limits: ProfileLimits | None = None, progress=None,
-                            label: str | None = None, min_warmup_s: float = 3.0, pass_index: int = 0) -> list[dict]:
-    """A recurrent arm's rows with the contexts timed in turn: the history is read once up to the longest context,
-    a copy of the (fixed-size) state kept at each context; then round after round, one timed step at every
-    context (the order rotated each round). A slow spell of the machine, or a drift over the minutes a pass
-    lasts, then lands on every context alike, and max/min compares contexts measured over the same seconds.
-    Rows as `profile_arm`'s, with `interleaved: True`."""
-    if model.cfg.arch == "dt":
-        raise ValueError("interleaved timing keeps a state per context: it is for the recurrent arms (xlstm, "
-                         "mamba); time the transformer with profile_arm")
+def profile_interleaved(arms: list[Arm], contexts: list[int], batch: int = 1, repeats: int = 25, warmup: int = 5,
+                        limits: ProfileLimits | None = None, progress=None, min_warmup_s: float = 3.0,
+                        pass_index: int = 0) -> list[dict]:
+    """Rows of several arms with every (arm, context) timed in turn: each arm reads its history once up to its
+    longest context, a copy of its state (recurrent state, or KV cache) kept at each context; then round after
+    round, one timed step at every (arm, context), the order rotated each round. A slow spell of the machine, or a
+    drift over the minutes a pass lasts, lands on every arm and context alike, so the ratios between contexts
+    (flatness) and between arms (the transformer against xLSTM) compare steps measured over the same seconds.
+    An arm stops growing its contexts at the prefill or memory limit (a row says so); the time limit applies to
+    the medians. Rows as `profile_arm`'s, with `interleaved: True`."""
     import copy
 
     limits = limits or ProfileLimits()
-    d, name = model.cfg.d_model, label or model.cfg.arch
-    spare = _Stepper(model, None)
-    t0, n = time.perf_counter(), 0
-    while warmup and (n < 30 or time.perf_counter() - t0 < min_warmup_s):
-        spare.feed(torch.zeros(batch, TOKENS_PER_STEP, d), chunk=TOKENS_PER_STEP)
-        n += 1
-    warmup_s = time.perf_counter() - t0
-    stepper, seen, g = _Stepper(model, None), 0, torch.Generator().manual_seed(0)
-    kept: list[tuple[int, Any, float]] = []  # (context, state there, seconds to read its history piece)
-    stopped = None
-    for L in sorted(contexts):
-        t0 = time.perf_counter()
-        while seen < L and time.perf_counter() - t0 <= limits.prefill_limit_s:
-            piece = min(L - seen, 1024)
-            stepper.feed(torch.randn(batch, TOKENS_PER_STEP * piece, d, generator=g))
-            seen += piece
-        if seen < L:
-            stopped = (f"history of {L} steps not read within {limits.prefill_limit_s:.0f} s (reached {seen})")
-            break
-        kept.append((L, copy.deepcopy(stepper.state), time.perf_counter() - t0))
+    g = torch.Generator().manual_seed(0)
+    kept: list[tuple] = []  # (arm, context, stepper at that context, prefill s, its state bytes, KV tokens)
+    rows: list[dict] = []
+    warm: dict[str, float] = {}
+    for arm in arms:
+        d = arm.model.cfg.d_model
+        spare, t0, n = _Stepper(arm.model, arm.window), time.perf_counter(), 0
+        while warmup and (n < 30 or time.perf_counter() - t0 < min_warmup_s):
+            spare.feed(torch.zeros(batch, TOKENS_PER_STEP, d), chunk=TOKENS_PER_STEP)
+            n += 1
+        warm[arm.label] = time.perf_counter() - t0
+        stepper, seen = _Stepper(arm.model, arm.window), 0
+        for L in sorted(contexts):
+            t0 = time.perf_counter()
+            while (seen < L and time.perf_counter() - t0 <= limits.prefill_limit_s
+                   and state_bytes(stepper.state) / 2**20 <= limits.memory_limit_mb):
+                piece = min(L - seen, 1024)
+                stepper.feed(torch.randn(batch, TOKENS_PER_STEP * piece, d, generator=g), chunk=1024)
+                seen += piece
+            if seen < L:
+                rows.append({"arch": arm.label, "batch": batch, "context_steps": L, "latency_median_s": None,
+                             "flops_per_step": None, "state_bytes": state_bytes(stepper.state),
+                             "prefill_s": time.perf_counter() - t0, "warmup_s": warm[arm.label],
+                             "stopped": f"history of {L} steps not read within {limits.prefill_limit_s:.0f} s and "
+                                        f"{limits.memory_limit_mb:.0f} MB (reached {seen})",
+                             "interleaved": True, "threads": torch.get_num_threads(), "pass": pass_index})
+                break
+            kept.append((arm, L, copy.deepcopy(stepper), time.perf_counter() - t0, state_bytes(stepper.state),
+                         stepper.kv_tokens()))
+            if state_bytes(stepper.state) / 2**20 > limits.memory_limit_mb:
+                break
+        del stepper
     times: list[list[float]] = [[] for _ in kept]
-    states = [s for _, s, _ in kept]
     for r in range(warmup + repeats):
         for j in range(len(kept)):
             i = (j + r) % len(kept)
-            x = torch.randn(batch, TOKENS_PER_STEP, d, generator=g)
+            arm, stepper = kept[i][0], kept[i][2]
+            x = torch.randn(batch, TOKENS_PER_STEP, arm.model.cfg.d_model, generator=g)
             t0 = time.perf_counter()
-            for k in range(TOKENS_PER_STEP):
-                y, states[i] = model.backbone.step(x[:, k:k + 1], states[i])
+            stepper.feed(x, chunk=TOKENS_PER_STEP)
             times[i].append(time.perf_counter() - t0)
-    rows = []
-    for (L, state, prefill), t in zip(kept, times):
+    for (arm, L, _, prefill, nbytes, kv_start), t in zip(kept, times):
         latency = statistics.median(t[warmup:])
-        rows.append({"arch": name, "batch": batch, "context_steps": L, "latency_median_s": latency,
-                     "flops_per_step": batch * TOKENS_PER_STEP * model.flops_per_token(L),
-                     "state_bytes": state_bytes(state), "prefill_s": prefill, "warmup_s": warmup_s,
-                     "stopped": (f"step {latency:.2f} s > {limits.time_limit_s} s"
-                                 if latency > limits.time_limit_s else None),
+        stopped = None
+        if latency > limits.time_limit_s:
+            stopped = f"step {latency:.2f} s > {limits.time_limit_s} s"
+        elif nbytes / 2**20 > limits.memory_limit_mb:
+            stopped = f"state {nbytes / 2**20:.0f} MB > {limits.memory_limit_mb:.0f} MB"
+        rows.append({"arch": arm.label, "batch": batch, "context_steps": L, "latency_median_s": latency,
+                     "flops_per_step": batch * sum(arm.model.flops_per_token(kv_start + i + 1)
+                                                   for i in range(TOKENS_PER_STEP)),
+                     "state_bytes": nbytes, "prefill_s": prefill, "warmup_s": warm[arm.label], "stopped": stopped,
                      "interleaved": True, "threads": torch.get_num_threads(), "pass": pass_index})
+    order = {a.label: k for k, a in enumerate(arms)}
+    rows.sort(key=lambda r: (order[r["arch"]], r["context_steps"]))
+    for row in rows:
         if progress:
-            progress(rows[-1])
-    if stopped:
-        rows.append({"arch": name, "batch": batch, "context_steps": sorted(contexts)[len(kept)],
-                     "latency_median_s": None, "flops_per_step": None, "state_bytes": state_bytes(stepper.state),
-                     "prefill_s": limits.prefill_limit_s, "warmup_s": warmup_s, "stopped": stopped,
-                     "interleaved": True, "threads": torch.get_num_threads(), "pass": pass_index})
-        if progress:
-            progress(rows[-1])
+            progress(row)
     return rows
 
 

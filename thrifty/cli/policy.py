@@ -232,9 +232,9 @@ def profile_action_models_cmd(
     min_warmup: float = typer.Option(3.0, min=0.0, help="seconds of warm-up steps per arm before the first context"),
     passes: int = typer.Option(1, min=1, help="measure every arm this many times, arms interleaved; the table and "
                                "plot keep the median per context over the passes (steadier on a shared machine)"),
-    interleave: bool = typer.Option(True, help="recurrent arms: keep a state at every context and time the "
-                                    "contexts in turn, round after round, so a drift of the machine hits all alike "
-                                    "(--no-interleave: one context after the other, as the transformer is timed)"),
+    interleave: bool = typer.Option(True, help="keep every arm's state (or KV cache) at every context and time "
+                                    "them in turn, round after round, so a drift of the machine hits all alike "
+                                    "(--no-interleave: one arm and context after the other, with --spacing)"),
     threads: int = typer.Option(1, min=1),
     out: Path = typer.Option(Path("results/action_models_profile.json"), help="rows (JSON, written after every "
                              "row); the plot beside it. Arms already in it are kept and skipped (resume)"),
@@ -247,8 +247,8 @@ def profile_action_models_cmd(
 
     from thrifty.agents.action_model import ActionModel, ActionModelConfig, ActionModelLoadError, load_action_model
     from thrifty.bench import write_summary_json
-    from thrifty.bench.action_profile import (ProfileLimits, print_profile_table, profile_arm,
-                                              profile_arm_interleaved, profile_plot)
+    from thrifty.bench.action_profile import (Arm, ProfileLimits, print_profile_table, profile_arm,
+                                              profile_interleaved, profile_plot)
     from thrifty.bench.policy_suites import ASSETS
     from thrifty.cli._app import comma_list
 
@@ -288,29 +288,32 @@ def profile_action_models_cmd(
 
     # pass by pass, every arm and batch in turn: a slow spell of the machine hits one pass of one arm
     for p in range(passes):
-        for name in arms:
-            todo = [b for b in sizes if not any((r["arch"], r["batch"], r.get("pass", 0)) == (name, b, p)
-                                                for r in rows)]
+        for b in sizes:
+            todo = [n for n in arms if not any((r["arch"], r["batch"], r.get("pass", 0)) == (n, b, p) for r in rows)]
+            for name in sorted(set(arms) - set(todo), key=arms.index):
+                console.print(f"{name} batch {b} pass {p + 1}: already in {out} (skipped; --fresh measures it again)")
             if not todo:
-                console.print(f"{name} pass {p + 1}: already in {out} (skipped; --fresh measures it again)")
                 continue
-            for b in todo:
-                def keep(r):
-                    show(r)
-                    write_summary_json(rows + arm_rows + [r], out)
-                    arm_rows.append(r)
+            limits = ProfileLimits(time_limit, memory_limit_mb, prefill_limit)
+            arm_rows: list[dict] = []
 
-                arm_rows: list[dict] = []
-                console.print(f"[bold]{name}[/bold], batch {b}, pass {p + 1} of {passes}")
-                limits = ProfileLimits(time_limit, memory_limit_mb, prefill_limit)
-                if interleave and parsed[name][0] != "dt":
-                    profile_arm_interleaved(model_for(name), ctx, batch=b, repeats=repeats, limits=limits,
-                                            progress=keep, label=name, min_warmup_s=min_warmup, pass_index=p)
-                else:
+            def keep(r):
+                show(r)
+                write_summary_json(rows + arm_rows + [r], out)
+                arm_rows.append(r)
+
+            if interleave:  # every arm and context of this batch timed in turn, over the same seconds
+                console.print(f"[bold]{', '.join(todo)}[/bold], batch {b}, pass {p + 1} of {passes}, interleaved")
+                profile_interleaved([Arm(n, model_for(n), parsed[n][1]) for n in todo], ctx, batch=b,
+                                    repeats=repeats, limits=limits, progress=keep, min_warmup_s=min_warmup,
+                                    pass_index=p)
+            else:
+                for name in todo:
+                    console.print(f"[bold]{name}[/bold], batch {b}, pass {p + 1} of {passes}")
                     profile_arm(model_for(name), ctx, batch=b, window=parsed[name][1], repeats=repeats,
                                 limits=limits, progress=keep, label=name, spacing=spacing, min_warmup_s=min_warmup,
                                 pass_index=p)
-                rows += arm_rows
+            rows += arm_rows
     print_profile_table(rows, console)
     plot = profile_plot(rows, out.with_suffix(".png"))
     console.print(f"rows: {out}\nplot: {plot}")
