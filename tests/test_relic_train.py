@@ -210,7 +210,9 @@ def test_training_resumes_to_the_same_weights_and_refuses_another_config(tmp_pat
     assert {"return_episode_first", "policy_loss", "approx_kl", "clip_fraction", "env_steps"} <= set(rows[0])
     assert json.loads((tmp_path / "out" / "relic_card.json").read_text())["env_steps"] == 160
     with pytest.raises(ValueError, match="another configuration"):
-        train_relic(RelicTrainConfig(trials=3, **kw), tmp_path / "b", progress=False)
+        train_relic(RelicTrainConfig(trials=3, lr=1e-3, **kw), tmp_path / "b", progress=False)
+    longer = train_relic(RelicTrainConfig(trials=3, **kw), tmp_path / "b", progress=False)  # lengthened: resumes
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3 and longer is not None
 
 
 def test_the_expert_episodes_of_a_few_shot_trial_score_the_optimal_return():

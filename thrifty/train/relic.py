@@ -17,7 +17,8 @@ Metrics (one JSON line per trial in RUN_DIR/metrics.jsonl, fixed names): trial, 
 return_episode_first, return_episode_last, return_mean (mean over environments of the per-episode return),
 policy_loss, value_loss, entropy, approx_kl, clip_fraction (means over the trial's updates and minibatches).
 Checkpoints (RUN_DIR/checkpoint.pt, after every trial) resume the run exactly: weights, optimiser, trial index,
-the RNG states.
+the RNG states. Only `trials` may change on resume (a longer run: the cosine schedule then stretches to the new
+end from the current trial on).
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def train_relic(cfg: RelicTrainConfig, run_dir: str | Path, progress: bool = Tru
     trial, wall = 0, 0.0
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
-        if saved["config"] != asdict(cfg):
+        mine = {k: v for k, v in asdict(cfg).items() if k != "trials"}  # a run may be lengthened: its schedule
+        if {k: v for k, v in saved["config"].items() if k != "trials"} != mine:  # then stretches from here on
             raise ValueError(f"{ckpt} was written by another configuration ({saved['config']}); use another run "
                              "directory, or remove it to start over")
         policy.load_state_dict(saved["policy"])
