@@ -4,6 +4,7 @@ in-context curve on held-out tasks."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -57,7 +58,8 @@ def train_relic_cmd(
 
 @app.command("eval-relic")
 def eval_relic_cmd(
-    policy: list[Path] = typer.Option(..., help="a trained policy directory (ReLIC or RL²); repeat to compare"),
+    policy: Optional[list[Path]] = typer.Option(None, help="a trained policy directory (ReLIC or RL²); repeat to "
+                                                "compare (default: the shipped thrifty/assets/relic_policy)"),
     variant: str = typer.Option("darkroom-ad"),
     episodes: int = typer.Option(30, min=1, help="episodes per trial (training used fewer: ReLIC evaluates longer)"),
     trials: int = typer.Option(40, min=1, help="trials, spread evenly over the held-out tasks"),
@@ -74,10 +76,12 @@ def eval_relic_cmd(
     from thrifty.bench.relic_eval import curve_summary, evaluate_trials, plot_curves
     from thrifty.envs.darkroom import DarkroomVectorEnv
 
+    from thrifty.bench.policy_suites import ASSETS
+
     torch.set_num_threads(threads)
     space = DarkroomVectorEnv(variant).single_observation_space
     results = {}
-    for path in policy:
+    for path in policy or [ASSETS / "relic_policy"]:
         try:
             model = load_trial_policy(path, space)
             r = evaluate_trials(model, variant, episodes=episodes, trials=trials, split=split, seed=seed,
@@ -87,7 +91,8 @@ def eval_relic_cmd(
         r["summary"] = curve_summary(r) if episodes >= 20 else None
         results[str(path)] = r
         s = r["summary"]
-        console.print(f"{path}: episode 1 {r['mean'][expert_episodes]:.2f}, last {r['mean'][-1]:.2f}, optimal "
+        first = f"after {expert_episodes} expert episode(s), first own episode" if expert_episodes else "episode 1"
+        console.print(f"{path}: {first} {r['mean'][expert_episodes]:.2f}, last {r['mean'][-1]:.2f}, optimal "
                       f"{r['optimal']:.2f}" + (f"; episodes 15-20 {s['episodes_15_20']:.2f} "
                                                f"({s['late_over_first']:.1f}x episode 1, "
                                                f"{s['late_over_optimal']:.2f} of optimal)" if s else ""))
@@ -98,9 +103,8 @@ def eval_relic_cmd(
 
 @app.command("profile-relic")
 def profile_relic_cmd(
-    policy: Optional[Path] = typer.Option(None, help="a trained ReLIC policy (default: an untrained one of the "
-                                          "recipe's size; the cost does not depend on the weights)"),
-    variant: str = typer.Option("darkroom", help="the environment whose spaces and horizon the steps follow"),
+    policy: Optional[Path] = typer.Option(None, help="a trained ReLIC policy (default: the shipped one)"),
+    variant: str = typer.Option("darkroom-ad", help="the environment whose spaces and horizon the steps follow"),
     batch: int = typer.Option(20, min=1),
     context: int = typer.Option(8192, min=1, help="steps of history before the timed steps"),
     repeats: int = typer.Option(50, min=1),
@@ -114,18 +118,17 @@ def profile_relic_cmd(
 
     from thrifty.agents.relic_policy import RelicPolicy
     from thrifty.bench.relic_profile import acting_throughput, long_trial
+    from thrifty.bench.policy_suites import ASSETS
     from thrifty.envs.darkroom import DarkroomVectorEnv, UnknownDarkroomVariantError, get_spec
-    from thrifty.train.relic import RelicTrainConfig, make_policy
 
     torch.set_num_threads(threads)
     try:
         spec, env = get_spec(variant), DarkroomVectorEnv(variant)
-        model = (RelicPolicy.load(policy, env.single_observation_space) if policy
-                 else make_policy(RelicTrainConfig(variant=variant), env))
+        model = RelicPolicy.load(policy or ASSETS / "relic_policy", env.single_observation_space)
     except (ValueError, FileNotFoundError, UnknownDarkroomVariantError) as e:
         fail(str(e))
     params = sum(p.numel() for p in model.parameters())
-    result = {"policy": str(policy) if policy else "untrained, recipe size", "parameters": params,
+    result = {"policy": str(policy or ASSETS / "relic_policy"), "parameters": params,
               "variant": variant}
     row = acting_throughput(model, batch=batch, context=context, repeats=repeats, horizon=spec.horizon)
     result["acting"] = row

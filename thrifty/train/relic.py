@@ -202,10 +202,10 @@ def run_trial(policy, env, cfg: RelicTrainConfig, opt, generator: torch.Generato
 
 
 def train_relic(cfg: RelicTrainConfig, run_dir: str | Path, progress: bool = True, out: str | Path | None = None,
-                stop_at: int | None = None):
+                stop_at: int | None = None, command: str | None = None):
     """Train (or resume) the run in `run_dir`; returns the policy. With `out`, the final policy is saved there with
     a card (relic_card.json: the config, the data, the time, the last metrics). `stop_at`: stop after that many
-    trials of the schedule (a later call resumes from the checkpoint)."""
+    trials of the schedule (a later call resumes from the checkpoint). `command`: the command line, for the card."""
     from thrifty.envs.darkroom import DarkroomVectorEnv
 
     cfg.check()
@@ -261,8 +261,7 @@ def train_relic(cfg: RelicTrainConfig, run_dir: str | Path, progress: bool = Tru
         p = policy.save(out)
         last = json.loads(metrics_path.read_text().splitlines()[-1])
         card = {"what": f"ReLIC partial-update PPO ({cfg.arch}) on {cfg.variant}, train split of tasks",
-                "command": "thrifty train relic " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                             asdict(cfg).items() if k != "model"),
+                "command": command,
                 "config": asdict(cfg), "env_steps": last["env_steps"], "wall_s": last["wall_s"],
                 "threads": cfg.threads, "last_trial_metrics": last, "torch": torch.__version__}
         (p / "relic_card.json").write_text(json.dumps(card, indent=2))
