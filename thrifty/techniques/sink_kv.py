@@ -86,8 +86,9 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     or None for plain attention. softcap: Gemma 2's c * tanh(logit / c), applied to the sink logit too."""
     b, h, q, _ = query.shape
     groups = h // key.shape[1]
-    k = key.repeat_interleave(groups, dim=1)
-    v = value.repeat_interleave(groups, dim=1)
+    # (groups == 1: the cache's own tensors, no copy of the whole context per call)
+    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     scores = torch.matmul(query, k.transpose(-1, -2)) * scaling  # [B, H, q, k]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
