@@ -159,14 +159,14 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
     results = tmp_path / "run.jsonl"
     ResultsFile(results, "sched").append(Job("sched", "c", "GoToLocal", 1, 0), {"success": True})
-    with pytest.raises(TraceFormatError, match="expected 'thrifty-schedule-trace'"):
+    with pytest.raises(TraceFormatError, match="a thrifty results file .*expected 'thrifty-schedule-trace'"):
         load_trace(results)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"format": "chrome-trace", "traceEvents": []}))
     with pytest.raises(TraceFormatError, match="format 'chrome-trace'"):
         load_trace(other)
     r = runner.invoke(app, ["simulate-schedule", "--trace", str(results)])
-    assert r.exit_code == 2 and "not a JSON schedule trace" in r.output
+    assert r.exit_code == 2 and "not a schedule trace" in r.output
 
 
 # ---------------------------------------------------------------------- simulator

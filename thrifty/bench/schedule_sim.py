@@ -63,8 +63,16 @@ def load_trace(path: str | Path) -> dict:
     """The trace, checked: a JSON object with format TRACE_FORMAT, version 1, episodes and kv_bytes_per_token."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
+        text = path.read_text()
+        first = text.split("\n", 1)[0]
+        if '"kind": "header"' in first and len(text.strip().splitlines()) > 1:
+            raise TraceFormatError(f"{path}: a thrifty results file (JSON lines), not a schedule trace: format "
+                                   f"expected {TRACE_FORMAT!r}; write a trace with `thrifty bench SUITE --ray "
+                                   "--schedule bandwidth --trace-out FILE`")
+        doc = json.loads(text)
     except (OSError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, TraceFormatError):
+            raise
         raise TraceFormatError(f"{path}: not a JSON schedule trace ({e}); write one with `thrifty bench SUITE --ray "
                                "--schedule bandwidth --trace-out FILE`") from None
     if not isinstance(doc, dict) or doc.get("format") != TRACE_FORMAT:
