@@ -9,8 +9,8 @@ segments, in the real model's KV bytes per token), driven by the same `Scheduler
 
 - bandwidth, fifo, random: per-worker caches; the scheduler sees each worker's cache as of its last finished job
   (as the real driver sees the digest a worker returns);
-- shared: one cache of N x the budget that every worker reads and writes, in fifo order: the ceiling a
-  partitioned cache can approach.
+- shared: one cache of N x the budget that every worker reads and writes, jobs in the bandwidth schedule's order
+  (the priority against that one cache): the ceiling N partitioned caches can approach.
 
 Within an episode the kept session serves the previous decision's context (as `prefix_reuse` does); a decision
 reuses the longer of that and its cache match, at most t - 1 tokens. Hits are segment-aligned (like vLLM's
@@ -192,6 +192,24 @@ class _SimHoldings:
                 return
 
 
+class _SharedHoldings:
+    """One cache every worker reads: the same cached length everywhere, so no worker holds more than another."""
+
+    def __init__(self, cache: _Cache) -> None:
+        self.cache = cache
+
+    def cached(self, worker: int, key) -> int:
+        n = 0
+        for cut, h in key[1]:
+            if h not in self.cache.entries:
+                break
+            n = cut
+        return n
+
+    def deeper(self, key, than: int):
+        return ()
+
+
 def simulate(doc: dict, n_workers: int, policy: str, seed: int = 0, jobs_per_worker: int = 8,
              budget_bytes: int | None = None, w_b: float = 1.0, w_q: float = 1.0, cost: dict | None = None) -> dict:
     """Replay the trace's episodes on `n_workers` under `policy` (one of SIM_POLICIES); returns the run's figures."""
@@ -208,8 +226,9 @@ def simulate(doc: dict, n_workers: int, policy: str, seed: int = 0, jobs_per_wor
     picks = list(range(len(episodes))) + [rng.randrange(len(episodes)) for _ in range(n_jobs - len(episodes))]
     rng.shuffle(picks)
 
-    holdings = _SimHoldings(n_workers)
-    cfg = ScheduleConfig("fifo" if policy == "shared" else policy, w_b=w_b, w_q=w_q, seed=seed,
+    shared = _Cache(capacity * n_workers) if policy == "shared" else None
+    holdings = _SharedHoldings(shared) if shared else _SimHoldings(n_workers)
+    cfg = ScheduleConfig("bandwidth" if policy == "shared" else policy, w_b=w_b, w_q=w_q, seed=seed,
                          sec_per_pair=max(cost["c_pair_s"], 1e-12),
                          job_seconds=cost["mean_wall_s"] * max(len(e.contexts) for e in episodes))
     sched = Scheduler(cfg, holdings, n_workers)
@@ -217,7 +236,6 @@ def simulate(doc: dict, n_workers: int, policy: str, seed: int = 0, jobs_per_wor
         e = episodes[e_idx]
         key = (e.namespace, tuple(e.chain(e.contexts[0])))
         sched.submit(SchedJob(i, key=key, prompt_tokens=e.contexts[0], payload=e))
-    shared = _Cache(capacity * n_workers) if policy == "shared" else None
     caches = [shared] * n_workers if shared else [_Cache(capacity) for _ in range(n_workers)]
 
     prompt = cached_total = decisions = 0
