@@ -305,13 +305,12 @@ def plot_sweep(result: dict, path: str | Path) -> Path:
             continue
         ns = [r["workers"] for r in rows]
         axes[0].plot(ns, [r["prefix_hit_rate"] for r in rows], marker="o", label=p)
-        axes[1].plot(ns, [r["decisions_per_s"] for r in rows], marker="o", label=p)
-    for ax, label in zip(axes, ("prefix hit rate (tokens)", "decisions / s (simulated)")):
+        axes[1].plot(ns, [r["decisions_per_s"] / r["workers"] for r in rows], marker="o", label=p)
+    for ax, label in zip(axes, ("prefix hit rate (tokens)", "decisions / s per worker (simulated)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("workers")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
     axes[0].legend()
     t = result["trace"]
     fig.suptitle(f"SIMULATION from a recorded trace ({t['suite']}, {t['episodes']} real episodes; "
