@@ -252,3 +252,11 @@ def test_scheduled_ray_run_matches_in_process_and_survives_a_dead_worker(tiny_pl
             assert again.records == run.records and again.metrics["episodes"] == 0
     finally:
         ray.shutdown()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from thrifty.bench import scheduler
+
+    assert doctest.testmod(scheduler, raise_on_error=True).failed == 0
