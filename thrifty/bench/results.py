@@ -108,6 +108,7 @@ class ResultsFile:
         self._meta = dict(meta or {})
         self.header: dict[str, Any] | None = None
         self._episodes: list[dict[str, Any]] = []
+        self._other: list[dict[str, Any]] = []  # lines of other kinds (e.g. "schedule_run")
         self._good_end = 0  # byte offset just past the last valid line
         self._needs_newline = False  # last valid line lacks its "\n"
         self._garbled_tail = False  # bytes after _good_end must be cut off before appending
@@ -171,7 +172,8 @@ class ResultsFile:
                 self._episodes.append(rec)
             elif rec.get("kind") == "header":
                 raise ResultsCorruptError(f"{self.path}: line {lineno} is a second header")
-            # Unknown kinds are kept in the file but ignored, for forward compatibility.
+            else:  # other kinds are kept in the file (and by `records`), ignored by everything else
+                self._other.append(rec)
             offset = end
             self._good_end = end
             self._needs_newline = is_last and not complete_last
@@ -241,6 +243,23 @@ class ResultsFile:
         stored = json.loads(line)
         self._episodes.append(stored)
         return stored
+
+    def append_record(self, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Write one line of another kind than "episode" (e.g. "schedule_run": a run's scheduling metrics).
+        Readers keep such lines in the file and ignore them; `records(kind)` returns them."""
+        if kind in ("header", "episode"):
+            raise ValueError(f"kind {kind!r} is reserved; append episodes with append()")
+        line = _dumps({"kind": kind, "suite": self.suite, **{str(k): v for k, v in fields.items()}})
+        if self.header is None:
+            self._write_header()
+        self._write_line(line)
+        stored = json.loads(line)
+        self._other.append(stored)
+        return stored
+
+    def records(self, kind: str) -> list[dict[str, Any]]:
+        """The lines of `kind` (not "episode"), in file order (copies)."""
+        return [dict(r) for r in self._other if r.get("kind") == kind]
 
     # ------------------------------------------------------------------ queries
     def done_keys(self) -> set[tuple[Any, Any, Any]]:

@@ -176,6 +176,13 @@ SUITES: dict[str, Suite] = {
                                         for k in (PRUNING_KEEP, 0.4, 0.2) for t in PRUNING_TECHNIQUES),
                                   str(MEMORY_PRUNER))),
                     levels=("MemoryRecallS13",), episodes=40, model=MEMORY_PLANNER, min_distinct=2),
+    # sched (issue 20): episodes that share prefixes, for the scheduled Ray run (`--ray --schedule`): one mission,
+    # MemoryS13's seeds repeat starts and episodes (39 distinct in 120) and MemoryRecallS13's 2 episodes repeat
+    # throughout, so a worker that played an episode holds most of the next one's contexts (docs/scheduling.md).
+    "sched": Suite("sched", "prefix reuse on seeds of one mission whose episodes share prefixes (MemoryS13, "
+                   "MemoryRecallS13): what cache-affine scheduling across workers can keep",
+                   (REUSE,), levels=("MemoryS13", "MemoryRecallS13"), episodes=60, model=MEMORY_PLANNER,
+                   max_steps=48, min_distinct=2),
     "replan": Suite("replan", "replanning at every step vs only when the observation changed",
                     (BenchConfig("full"), BenchConfig("full-on-change", replan="on_change")), episodes=20,
                     min_distinct=20),

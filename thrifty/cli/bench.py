@@ -34,6 +34,17 @@ def bench(
                                                      "holding action_model_ARCH (default: the shipped ones)"),
     task: Optional[list[str]] = typer.Option(None, help="policy suites: restrict to these tasks or task sets"),
     config: Optional[list[str]] = typer.Option(None, help="policy suites: run only these configurations (repeatable)"),
+    schedule: Optional[str] = typer.Option(None, help="with --ray: stateful workers keeping their caches, jobs "
+                                                      "ordered by `bandwidth` (EchoRL's priority against each "
+                                                      "worker's cache), `fifo` or `random` (docs/scheduling.md)"),
+    workers: int = typer.Option(2, min=1, help="with --schedule: Ray worker actors"),
+    store_bytes: Optional[int] = typer.Option(None, help="with --schedule: prefix store byte budget per worker "
+                                                         "(default: each configuration's own)"),
+    w_b: float = typer.Option(1.0, help="with --schedule bandwidth: weight of b_eff (seconds) in the priority"),
+    w_q: float = typer.Option(1.0, help="with --schedule bandwidth: weight of the wait (seconds)"),
+    trace_out: Optional[Path] = typer.Option(None, help="with --schedule: write the trace of decisions (prefix "
+                                                        "hashes, token counts, measured times) for "
+                                                        "`thrifty simulate-schedule`"),
 ) -> None:
     """Run SUITE, append one JSON line per episode (resumable), print the table and write the Pareto plot."""
     from thrifty.backbones import ModelLoadError
@@ -47,6 +58,20 @@ def bench(
 
     from thrifty.bench.policy_suites import POLICY_SUITES
 
+    sched_cfg = None
+    if schedule is not None or trace_out is not None:
+        from thrifty.bench.scheduler import ScheduleConfig
+
+        if not ray:
+            fail("--schedule and --trace-out need --ray (stateful Ray workers)")
+        if suite in POLICY_SUITES or suite == "coop":
+            fail(f"--schedule runs the planner suites, not {suite!r}")
+        if store_bytes is not None and store_bytes < 0:
+            fail(f"--store-bytes must be >= 0, got {store_bytes}")
+        try:
+            sched_cfg = ScheduleConfig(schedule or "bandwidth", w_b=w_b, w_q=w_q)
+        except ValueError as e:
+            fail(str(e).replace("w_b", "--w-b").replace("w_q", "--w-q"))
     if suite in POLICY_SUITES:  # Meta-World policies: tasks instead of levels, a policy instead of a planner
         if level or model or pruner:
             fail(f"`thrifty bench {suite}` is a policy suite: it takes --task and --policy, not --level, --model "
@@ -96,12 +121,30 @@ def bench(
     fn = episode_fn(spec, model_dir, threads=threads if threads else (1 if ray else None), max_steps=max_steps)
     meta = {"model": str(model_dir), "configs": [c.as_dict() for c in spec.configs], "ray": ray,
             "max_steps": max_steps or spec.max_steps}
+    if sched_cfg is not None:
+        meta.update({"schedule": sched_cfg.schedule, "workers": workers, "store_bytes_per_worker": store_bytes})
     try:
         results = ResultsFile(out, suite, meta=meta)
     except (ResultsMismatchError, ValueError) as e:
         fail(str(e))
     console.print(f"[bold]{suite}[/]: {spec.description}; {len(jobs)} episodes -> {out}")
-    records = run_jobs(jobs, fn, results, use_ray=ray, ray_address=ray_address)
+    if sched_cfg is not None:
+        from thrifty.bench.schedule_report import print_schedule_metrics
+        from thrifty.bench.workers import run_scheduled, with_store_bytes
+
+        configs = with_store_bytes(fn.keywords["configs"], store_bytes)
+        run = run_scheduled(jobs, configs, model_dir, results, cfg=sched_cfg, n_workers=workers,
+                            threads=fn.keywords["threads"], max_steps=fn.keywords["max_steps"],
+                            trace=trace_out is not None, ray_address=ray_address)
+        records = run.records
+        if run.records and run.metrics.get("episodes"):
+            print_schedule_metrics(run.metrics, console)
+        if trace_out is not None and run.trace is not None:
+            trace_out.parent.mkdir(parents=True, exist_ok=True)
+            trace_out.write_text(json.dumps(run.trace) + "\n")
+            console.print(f"trace: {trace_out} ({len(run.trace['episodes'])} episodes)")
+    else:
+        records = run_jobs(jobs, fn, results, use_ray=ray, ray_address=ray_address)
     rows = summarize(records, by_level=by_level)
     note = latency_note(records)
     print_table(rows, console=console, title=f"thrifty bench {suite}", caption=note)

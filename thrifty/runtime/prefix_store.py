@@ -265,6 +265,25 @@ class PrefixStore:
         """hits / queries in tokens (0.0 before any lookup)."""
         return self.hits / self.queries if self.queries else 0.0
 
+    def prefixes(self, max_tokens: int | None = None) -> dict[str, list[list[int]]]:
+        """Namespace -> the token ids of every root-to-leaf path (each cut at `max_tokens`; duplicates after the
+        cut dropped): what the store holds, tokens only. A scheduler mirrors a remote worker's store from it."""
+        out: dict[str, set[tuple[int, ...]]] = {}
+        for (_, namespace), root in self._roots.items():
+            seqs = out.setdefault(namespace, set())
+            stack: list[tuple[_Node, tuple[int, ...]]] = [(root.node, ())]
+            while stack:
+                node, above = stack.pop()
+                path = above + node.tokens
+                if max_tokens is not None and len(path) >= max_tokens:
+                    seqs.add(path[:max_tokens])
+                elif not node.children:
+                    if path:
+                        seqs.add(path)
+                else:
+                    stack.extend((child, path) for child in node.children.values())
+        return {ns: [list(p) for p in sorted(seqs)] for ns, seqs in out.items()}
+
     def stats(self) -> dict:
         return {"store_bytes": self.nbytes, "store_budget_bytes": self.budget_bytes, "store_nodes": self.n_nodes,
                 "store_queries": self.queries, "store_hits": self.hits, "store_evicted_bytes": self.evicted_bytes}
