@@ -202,3 +202,18 @@ def test_training_losses_and_scores_run(tmp_path):
                    np.array([0, 4]), np.array([4, 5]))
     scores, mse = consistency_scores(net.eval(), eps)
     assert scores.shape == (3, 9) and len(mse) == 3
+
+
+def test_peeks_step_by_step_equal_the_heads_window_forward(checkpoint):
+    net, _ = load_deer(checkpoint)
+    feats = torch.randn(2, 7, 16)
+    window = net.head(feats)
+    state, arms, grips = None, [], []
+    for t in range(7):
+        out = net.head.peek(feats[:, t], state)
+        state = out.state
+        arms.append(out.arm)
+        grips.append(out.gripper_logit)
+    torch.testing.assert_close(torch.stack(arms, 1), window.arm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(grips, 1), window.gripper_logit, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state[1], window.state[1], rtol=1e-5, atol=1e-6)

@@ -103,11 +103,13 @@ class DeerConfig:
 
 class HeadOutput(NamedTuple):
     arm: torch.Tensor
-    """(B, arm_dim) in [-1, 1]"""
-    gripper_logit: torch.Tensor
-    """(B,)"""
+    """(B, arm_dim) in [-1, 1] (a window: (B, T, arm_dim))"""
+    gripper_logit: torch.Tensor | None
+    """(B,) (a window: (B, T)); None when the peek skipped it (`ExitHead.gripper_of` computes it later)"""
     state: tuple[torch.Tensor, torch.Tensor]
-    """the LSTM state (h, c), each (1, B, H), after this step: what committing this exit keeps"""
+    """the LSTM state (h, c), each (B, H), after this step: what committing this exit keeps"""
+    y: torch.Tensor
+    """the LSTM output (B, H) the two MLPs read"""
 
 
 class ExitHead(nn.Module):
@@ -121,21 +123,34 @@ class ExitHead(nn.Module):
         self.gripper = nn.Sequential(nn.Linear(h, m), nn.ReLU(), nn.Linear(m, 1))
 
     def forward(self, feats: torch.Tensor, state=None) -> HeadOutput:
-        """feats (B, T, d) -> arm (B, T, A), gripper logit (B, T), the state after the last step."""
-        y, state = self.lstm(feats, state)  # (B, T, H)
-        return HeadOutput(torch.tanh(self.arm(y)), self.gripper(y).squeeze(-1), state)
+        """A window (training): feats (B, T, d) -> arm (B, T, A), gripper logit (B, T), the state after step T."""
+        y, (h, c) = self.lstm(feats, None if state is None else (state[0][None], state[1][None]))  # y (B, T, H)
+        return HeadOutput(torch.tanh(self.arm(y)), self.gripper(y).squeeze(-1), (h[0], c[0]), y[:, -1])
 
-    def peek(self, feat: torch.Tensor, state=None) -> HeadOutput:
-        """One step from `state` on feat (B, d): the action and the next state; `state` itself is not modified
-        (the caller commits by keeping `.state`)."""
-        out = self.forward(feat[:, None], state)
-        return HeadOutput(out.arm[:, 0], out.gripper_logit[:, 0], out.state)
+    def peek(self, feat: torch.Tensor, state=None, gripper: bool = True) -> HeadOutput:
+        """One step from `state` on feat (B, d): the action and the next state, one LSTM cell step with the LSTM's
+        own weights; `state` itself is never modified (the caller commits by keeping `.state`). gripper=False
+        leaves the gripper logit out (the consistency check reads the arm only)."""
+        lstm = self.lstm
+        if state is None:
+            zeros = feat.new_zeros(feat.shape[0], lstm.hidden_size)
+            state = (zeros, zeros)
+        h, c = torch.lstm_cell(feat, state, lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+        return HeadOutput(torch.tanh(self.arm(h)), self.gripper_of(h) if gripper else None, (h, c), h)
 
-    def flops_per_step(self) -> int:
-        """Analytic FLOPs of one peek for one sample: the LSTM's two matmuls (4 gates) and the MLPs' linears."""
+    def gripper_of(self, y: torch.Tensor) -> torch.Tensor:
+        """The gripper logit (B,) from an LSTM output y (B, H)."""
+        return self.gripper(y).squeeze(-1)
+
+    def flops_per_step(self, gripper: bool = True) -> int:
+        """Analytic FLOPs of one peek for one sample: the LSTM cell's two matmuls (4 gates) and the MLPs' linears
+        (the gripper's only when it is computed)."""
         lstm = 2 * 4 * self.lstm.hidden_size * (self.lstm.input_size + self.lstm.hidden_size)
-        mlps = sum(2 * m.in_features * m.out_features for m in [*self.arm, *self.gripper] if isinstance(m, nn.Linear))
-        return lstm + mlps
+        mods = [*self.arm, *(self.gripper if gripper else [])]
+        return lstm + sum(2 * m.in_features * m.out_features for m in mods if isinstance(m, nn.Linear))
+
+    def gripper_flops(self) -> int:
+        return self.flops_per_step(gripper=True) - self.flops_per_step(gripper=False)
 
 
 class DeerNet(nn.Module):
@@ -209,6 +224,8 @@ class DeerNet(nn.Module):
     def pool(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """h (B, q, d) -> f (B, d): the final norm, then the max over the step's real tokens."""
         x = self.decoder.final_norm(h)
+        if valid.all():  # acting: padding is never fed
+            return x.amax(1)
         return x.masked_fill(~valid[..., None], torch.finfo(x.dtype).min).amax(1)
 
     def exit_features(self, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -352,7 +369,8 @@ class DeerPolicy:
         self.name = name or f"deer-{mode}"
         self._rng = None
         self._layer_flops = None
-        self._head_flops = net.head.flops_per_step()
+        self._head_arm_flops = net.head.flops_per_step(gripper=False)  # per peek: LSTM cell + arm MLP
+        self._gripper_flops = net.head.gripper_flops()  # once per step, at the exit taken
         self._ids = None
 
     @classmethod
@@ -415,10 +433,11 @@ class DeerPolicy:
             state = torch.as_tensor(np.asarray(observation["state"], np.float32)).view(1, -1)
             out, layers, peeks = self._forward(state)
             self.state = out.state  # commit: only the taken exit's state is kept
-            grip = 1.0 if float(out.gripper_logit[0]) > 0 else -1.0
+            logit = out.gripper_logit if out.gripper_logit is not None else self.net.head.gripper_of(out.y)
+            grip = 1.0 if float(logit[0]) > 0 else -1.0
             action = np.append(out.arm[0].numpy(), np.float32(grip)).astype(np.float32)
         backbone = layers * self._layer_flops
-        head = peeks * self._head_flops + self.net.encoder_flops()
+        head = peeks * self._head_arm_flops + self._gripper_flops + self.net.encoder_flops()
         e = self._episode
         e.backbone_flops += backbone
         e.head_flops += head
@@ -443,12 +462,12 @@ class DeerPolicy:
             stop = exits[-1] if self.mode == "full" else exits[int(self._rng.choice(len(exits), p=self.probs))]
             h = net.run_layers(h, 0, stop, mask, self._pe, pos)
             return net.head.peek(net.pool(h, valid), self.state), stop, 1
-        prev = net.head.peek(net.pool(h, valid), self.state)  # layer 0: the first exit's reference
+        prev = net.head.peek(net.pool(h, valid), self.state, gripper=False)  # layer 0: the first exit's reference
         done, peeks = 0, 1
         for k, e in enumerate(exits):
             h = net.run_layers(h, done, e, mask, self._pe, pos)
             done = e
-            out = net.head.peek(net.pool(h, valid), self.state)
+            out = net.head.peek(net.pool(h, valid), self.state, gripper=False)
             peeks += 1
             if k == len(exits) - 1 or float(consistency_score(out.arm, prev.arm)[0]) <= self.thresholds[k]:
                 return out, e, peeks

@@ -53,8 +53,8 @@ class DeerRecipe:
     """an exit after every this many layers"""
     lstm_hidden: int = 128
     mlp_hidden: int = 128
-    steps: int = 700
-    """optimisation steps"""
+    steps: int = 600
+    """optimisation steps (~2.5 s each on one core: ~25 min)"""
     batch_size: int = 32
     """windows per step"""
     window: int = 16
@@ -122,7 +122,8 @@ def _episodes(demos: DemoSet, net_cfg: DeerConfig, heldout: int) -> tuple[Episod
         rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts[mask], lengths[mask])]) if mask.any() \
             else np.zeros(0, int)
         new_starts = np.concatenate([[0], np.cumsum(lengths[mask])[:-1]]).astype(int) if mask.any() else starts[:0]
-        ids = torch.tensor([word_ids[int(t)] for t in data["task_id"][rows]], dtype=torch.long).view(len(rows), -1)
+        ids = torch.tensor([word_ids[int(t)] for t in data["task_id"][rows]], dtype=torch.long)
+        ids = ids.view(len(rows), net_cfg.instruction_tokens)
         return Episodes(torch.from_numpy(np.ascontiguousarray(data["state"][rows])),
                         torch.from_numpy(np.ascontiguousarray(data["action"][rows])), ids, new_starts,
                         lengths[mask].astype(int))
@@ -212,18 +213,18 @@ def consistency_scores(net: DeerNet, eps: Episodes, seed: int = 0, batch: int = 
             live = lengths > t
             rows = torch.from_numpy(starts + np.minimum(t, lengths - 1))
             feats = net.exit_features(eps.ids[rows], eps.state[rows])  # (1+E, B, d)
-            outs = [net.head.peek(f, state_rand) for f in feats]
+            outs = [net.head.peek(f, state_rand, gripper=False) for f in feats]
             arms = torch.stack([o.arm for o in outs])  # (1+E, B, 3)
             score = consistency_score(arms[1:], arms[:-1])  # (E, B)
             cols.append(score[:, torch.from_numpy(live)])
             pick = torch.randint(0, n_exits, (len(sel),), generator=gen)
-            h = torch.stack([outs[1 + k].state[0] for k in range(n_exits)])  # (E, 1, B, H)
+            h = torch.stack([outs[1 + k].state[0] for k in range(n_exits)])  # (E, B, H)
             c = torch.stack([outs[1 + k].state[1] for k in range(n_exits)])
             ar = torch.arange(len(sel))
-            state_rand = (h[pick, :, ar].permute(1, 0, 2).contiguous(), c[pick, :, ar].permute(1, 0, 2).contiguous())
+            state_rand = (h[pick, ar], c[pick, ar])  # each step's history continues from a random exit
             target = eps.action[rows][:, :3]
             for k in range(n_exits):
-                o = net.head.peek(feats[1 + k], state_same[k])
+                o = net.head.peek(feats[1 + k], state_same[k], gripper=False)
                 state_same[k] = o.state
                 sq[k] += ((o.arm - target) ** 2).mean(-1)[torch.from_numpy(live)].sum()
             counts += int(live.sum())
@@ -286,7 +287,7 @@ def train_deer(recipe: DeerRecipe, data_dir: str | Path, out_dir: str | Path, ru
             losses["total"].backward()
             nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             opt.step()
-            running.append({k: float(v) for k, v in losses.items()})
+            running.append({k: float(v.detach()) for k, v in losses.items()})
             step += 1
             if step % recipe.log_every == 0 or step == recipe.steps:
                 mean = {f"losses/train_{k}": float(np.mean([r[k] for r in running])) for k in running[0]}
