@@ -181,7 +181,7 @@ def test_the_suite_policies_build(checkpoint):
             continue
         p = build_policy(c.as_dict())
         assert p.net.exit_layers[-1] == c.settings.get("max_layer", 6)
-    with pytest.raises(ValueError, match="deer-random needs an exit_ratio"):
+    with pytest.raises(ValueError, match="deer-random needs an exit_ratio .* or a mean_layers"):
         build_policy({"policy": "deer-random", "settings": {"path": str(checkpoint)}})
 
 
@@ -217,3 +217,10 @@ def test_peeks_step_by_step_equal_the_heads_window_forward(checkpoint):
     torch.testing.assert_close(torch.stack(arms, 1), window.arm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.stack(grips, 1), window.gripper_logit, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(state[1], window.state[1], rtol=1e-5, atol=1e-6)
+
+
+def test_random_exits_matched_to_a_mean_depth(checkpoint):
+    policy = DeerPolicy.load(checkpoint, mode="random", mean_layers=3.0)
+    assert float(np.dot(policy.probs, policy.net.exit_layers)) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="strictly between the first and the last exit"):
+        DeerPolicy.load(checkpoint, mode="random", mean_layers=7.0)

@@ -376,11 +376,19 @@ class DeerPolicy:
     @classmethod
     def load(cls, path: str | Path, exit_ratio: float | None = None, max_layer: int | None = None,
              mode: str | None = None, thresholds: list[float] | None = None, seed: int = 0,
-             name: str | None = None) -> "DeerPolicy":
+             name: str | None = None, mean_layers: float | None = None) -> "DeerPolicy":
         """A DeeR policy under a budget: `exit_ratio` solves thresholds on the checkpoint's demonstration scores
         (mode consistency, or random exits drawn from the same target distribution with mode="random");
-        `max_layer` builds and loads only that many layers; neither: the full-depth model."""
+        `max_layer` builds and loads only that many layers; neither: the full-depth model. `mean_layers` (random
+        mode only) draws exits from the geometric target of that mean depth (to match a depth DeeR realised)."""
+        from thrifty.techniques.early_exit import ratio_for_mean_layers
+
         net, card = load_deer(path, max_layer=max_layer)
+        if mean_layers is not None:
+            if mode != "random" or exit_ratio is not None:
+                raise ValueError("mean_layers sets the random-exit baseline's depth: use it with mode='random' and "
+                                 "without an exit_ratio")
+            exit_ratio = ratio_for_mean_layers(mean_layers, net.exit_layers)
         mode = mode or ("consistency" if exit_ratio is not None or thresholds is not None else "full")
         budget, probs = {"exit_ratio": exit_ratio, "max_layer": max_layer}, None
         if exit_ratio is not None and thresholds is None:

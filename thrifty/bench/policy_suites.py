@@ -60,16 +60,17 @@ def _deer(settings: dict, mode: str | None = None):
     allowed exit), `seed` (random exits); `path` (default: the shipped asset)."""
     from thrifty.agents.deer_policy import DeerPolicy
 
-    known = {"path", "exit_ratio", "max_layer", "thresholds", "seed", "name"}
+    known = {"path", "exit_ratio", "max_layer", "thresholds", "seed", "name", "mean_layers"}
     unknown = set(settings) - known
     if unknown:
         raise ValueError(f"unknown deer settings {sorted(unknown)}; known: {sorted(known)}")
-    if mode == "random" and settings.get("exit_ratio") is None:
-        raise ValueError("deer-random needs an exit_ratio: exits are drawn from the same geometric target "
-                         "distribution DeeR's thresholds realise on the demonstrations")
+    if mode == "random" and (settings.get("exit_ratio") is None) == (settings.get("mean_layers") is None):
+        raise ValueError("deer-random needs an exit_ratio (exits drawn from the geometric target DeeR's thresholds "
+                         "realise on the demonstrations) or a mean_layers (the target of that mean depth), one of them")
     return DeerPolicy.load(settings.get("path") or SHIPPED_DEER_POLICY, exit_ratio=settings.get("exit_ratio"),
                            max_layer=settings.get("max_layer"), thresholds=settings.get("thresholds"),
-                           mode=mode, seed=settings.get("seed", 0), name=settings.get("name"))
+                           mode=mode, seed=settings.get("seed", 0), name=settings.get("name"),
+                           mean_layers=settings.get("mean_layers"))
 
 
 def _deer_full(settings: dict):

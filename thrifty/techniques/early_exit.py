@@ -28,6 +28,8 @@ Example:
     >>> t = solve_thresholds(scores, [0.5, 0.5])
     >>> t.tolist(), exit_indices(scores, t).tolist()
     ([0.3, inf], [0, 1, 1, 0])
+    >>> round(float(np.dot(target_distribution(ratio_for_mean_layers(3.0, [2, 4, 6]), 3), [2, 4, 6])), 6)
+    3.0
 """
 
 from __future__ import annotations
@@ -53,6 +55,21 @@ def target_distribution(exit_ratio: float, n_exits: int) -> list[float]:
         raise ValueError(f"need at least one exit, got {n_exits}")
     w = np.asarray([float(exit_ratio) ** k for k in range(n_exits)], np.float64)
     return (w / w.sum()).tolist()
+
+
+def ratio_for_mean_layers(mean_layers: float, exit_layers: Sequence[int]) -> float:
+    """The exit ratio whose geometric target has mean depth `mean_layers` (layers run) over `exit_layers`: how the
+    random-exit baseline is matched to a depth DeeR realised in closed loop (bisection; the mean grows with r)."""
+    exit_layers = list(exit_layers)
+    if not exit_layers[0] < mean_layers < exit_layers[-1]:
+        raise ValueError(f"a mean depth strictly between the first and the last exit ({exit_layers[0]} and "
+                         f"{exit_layers[-1]} layers) is needed, got {mean_layers}")
+    lo, hi = -30.0, 30.0  # log r
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        mean = float(np.dot(target_distribution(float(np.exp(mid)), len(exit_layers)), exit_layers))
+        lo, hi = (mid, hi) if mean < mean_layers else (lo, mid)
+    return float(np.exp((lo + hi) / 2))
 
 
 def solve_thresholds(scores: np.ndarray, probs: Sequence[float]) -> np.ndarray:
