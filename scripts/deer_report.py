@@ -73,6 +73,31 @@ def report(path: Path, reference: str) -> dict:
     return {"results": str(path), "reference": reference, "configs": rows}
 
 
+def plot(rep: dict, path: Path) -> Path:
+    """Success (95% Wilson bars) against average backbone FLOPs per step, and against the peak step's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    for i, (key, label) in enumerate((("backbone_flops_per_step", "average backbone FLOPs per step"),
+                                      ("peak_backbone_flops_step", "peak backbone FLOPs (largest step)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for j, (c, r) in enumerate(rep["configs"].items()):
+            y = r["success"]
+            ax.errorbar([r[key]], [y], yerr=[[y - r["success_lo"]], [r["success_hi"] - y]], fmt="osD^vP*Xh<>"[j % 11],
+                        color=f"C{j % 10}", capsize=3, label=c)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("MT10 success (95% CI)")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
+    fig.suptitle("DeeR on Meta-World MT10")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path)
@@ -95,7 +120,7 @@ def main() -> None:
               f"{diff:>24} {r['mean_layers']:>6.2f} {r['backbone_flops_per_step'] / 1e6:>9.2f} "
               f"{r['backbone_flops_ratio']:>6.2f} {r['head_flops_per_step'] / 1e3:>8.1f} {r['peak_flops_ratio']:>7.2f} "
               f"{r['loaded_weight_ratio']:>6.2f} {r['latency_p50_s'] * 1e3:>7.3f} {r['latency_ratio']:>6.2f} {lvf:>6}")
-    print(f"report: {out}")
+    print(f"report: {out}\nplot: {plot(rep, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":

@@ -458,11 +458,15 @@ class DeerPolicy:
     def _forward(self, state: torch.Tensor) -> tuple[HeadOutput, int, int]:
         """One step: (the taken exit's head output, decoder layers run, head peeks run)."""
         net, exits = self.net, self.net.exit_layers
-        h, valid = net.embed(self._ids[None], state)
-        if self._pe is None:  # fixed for the episode: positions, rotary tables, the (all-visible) mask
+        if self._pe is None:  # fixed for the episode: word embeddings, positions, rotary tables, the mask
+            h, valid = net.embed(self._ids[None], state)
+            self._words, self._valid = h[:, : len(self._ids)], valid
             self._pos = net.token_positions(len(self._ids))
             self._pe, self._mask = net.rotary(h, self._pos), net.attention_mask(valid)
-        mask, pos = self._mask, self._pos
+        else:
+            obs = net.obs_proj((state - net.state_mean) / net.state_std).view(1, net.cfg.obs_tokens, -1)
+            h = torch.cat([self._words, obs], 1)  # = net.embed(ids, state): the words' part never changes
+        mask, pos, valid = self._mask, self._pos, self._valid
         if self.mode == "random" and self._rng is None:
             first = np.frombuffer(state.numpy().tobytes(), np.uint32)
             self._rng = np.random.default_rng([self.seed, *first.tolist()])
