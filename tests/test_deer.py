@@ -224,3 +224,22 @@ def test_random_exits_matched_to_a_mean_depth(checkpoint):
     assert float(np.dot(policy.probs, policy.net.exit_layers)) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="strictly between the first and the last exit"):
         DeerPolicy.load(checkpoint, mode="random", mean_layers=7.0)
+
+
+def test_bayesian_optimisation_resumes_from_its_storage(checkpoint, tmp_path):
+    pytest.importorskip("optuna")
+    from thrifty.train.deer_bo import BORecipe, tune_deer
+
+    storage, out = f"sqlite:///{tmp_path / 'bo.db'}", tmp_path / "bo.json"
+    recipe = BORecipe(exit_ratio=0.5, trials=2, episodes_per_task=1, max_steps=5)
+    first = tune_deer(recipe, checkpoint, storage, "s", out, tasks=("reach-v3",))
+    assert len(first["trials"]) == 2 and first["initial"]["number"] == 0
+    assert first["initial_thresholds"] == DeerPolicy.load(checkpoint, exit_ratio=0.5).thresholds
+    recipe.trials = 3
+    again = tune_deer(recipe, checkpoint, storage, "s", out, tasks=("reach-v3",))
+    assert len(again["trials"]) == 3 and again["trials"][:2] == first["trials"]
+    policy = DeerPolicy.load(checkpoint, thresholds=str(out))
+    assert policy.thresholds == again["thresholds"]
+    recipe.penalty = 2.0
+    with pytest.raises(ValueError, match="was run with other settings"):
+        tune_deer(recipe, checkpoint, storage, "s", out, tasks=("reach-v3",))

@@ -326,6 +326,19 @@ def load_scores(path: str | Path) -> torch.Tensor | None:
     return load_file(str(f))["scores"] if f.is_file() else None
 
 
+def _thresholds_file(path: str | Path, exit_layers: tuple[int, ...]) -> list[float]:
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read thresholds from {p} ({e}); write them with `thrifty tune deer --out {p}`") \
+            from e
+    if list(raw.get("exit_layers", exit_layers)) != list(exit_layers):
+        raise ValueError(f"{p} holds thresholds for exits at layers {raw.get('exit_layers')}, but this model's allowed "
+                         f"exits are at {list(exit_layers)}: tune them at the same max_layer")
+    return [float(t) for t in raw["thresholds"]]
+
+
 # ---------------------------------------------------------------------- acting
 EXIT_MODES = ("consistency", "random", "full")
 
@@ -384,6 +397,8 @@ class DeerPolicy:
         from thrifty.techniques.early_exit import ratio_for_mean_layers
 
         net, card = load_deer(path, max_layer=max_layer)
+        if isinstance(thresholds, (str, Path)):  # a file `thrifty tune deer` wrote
+            thresholds = _thresholds_file(thresholds, net.exit_layers)
         if mean_layers is not None:
             if mode != "random" or exit_ratio is not None:
                 raise ValueError("mean_layers sets the random-exit baseline's depth: use it with mode='random' and "
