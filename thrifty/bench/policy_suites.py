@@ -133,10 +133,11 @@ POLICY_SUITES: dict[str, PolicySuite] = {
                                                        {"arch": "dt", "model": "action_model_dt_2domain"})),
                                 (*_mt10(), "babyai-UnlockLocal"), episodes=30),
     "deer": PolicySuite("deer", "DeeR-VLA's multi-exit Llama policy on Meta-World MT10: full depth (12 layers), "
-                        "dynamic exits by action consistency at exit ratios 0.1, 0.2 and 0.5 (average-compute "
+                        "dynamic exits by action consistency at exit ratios 0.05, 0.1, 0.2 and 0.5 (average-compute "
                         "budget), random exits drawn from the same target distribution as ratio 0.1, and maximum "
                         "exit layers 6 and 2 (peak budget: the deeper layers not loaded)",
                         (PolicyConfig("deer-full", "deer-full"),
+                         PolicyConfig("deer-r0.05", "deer", {"exit_ratio": 0.05}),
                          PolicyConfig("deer-r0.1", "deer", {"exit_ratio": 0.1}),
                          PolicyConfig("deer-r0.2", "deer", {"exit_ratio": 0.2}),
                          PolicyConfig("deer-r0.5", "deer", {"exit_ratio": 0.5}),
