@@ -243,3 +243,23 @@ def test_bayesian_optimisation_resumes_from_its_storage(checkpoint, tmp_path):
     recipe.penalty = 2.0
     with pytest.raises(ValueError, match="was run with other settings"):
         tune_deer(recipe, checkpoint, storage, "s", out, tasks=("reach-v3",))
+
+
+def test_the_recipe_trains_resumes_and_ships_a_loadable_policy(tmp_path):
+    from thrifty.train.deer import DeerRecipe, train_deer
+    from thrifty.train.demos import CollectSettings, collect
+
+    collect(tmp_path / "demos", CollectSettings(tasks=("reach-v3", "drawer-close-v3"), episodes=3, noise=0.3,
+                                                max_steps=12))
+    recipe = DeerRecipe(d_model=16, layers=4, heads=2, kv_heads=1, d_ff=32, lstm_hidden=8, mlp_hidden=8, steps=3,
+                        batch_size=2, window=4, heldout_episodes=1, checkpoint_every=1, log_every=1)
+    out = train_deer(recipe, tmp_path / "demos", tmp_path / "policy", tmp_path / "run", progress=False)
+    card = __import__("json").loads((out / "card.json").read_text())
+    assert card["data"]["tasks"] == ["reach-v3", "drawer-close-v3"] and card["final"]["step"] == 3
+    assert card["scores"]["shape"] == [2, card["data"]["heldout_steps"]]
+    first = (out / "model.safetensors").read_bytes()
+    train_deer(recipe, tmp_path / "demos", tmp_path / "policy", tmp_path / "run", progress=False)  # resumes: done
+    assert (out / "model.safetensors").read_bytes() == first
+    policy = DeerPolicy.load(out, exit_ratio=0.5)
+    assert policy.budget["realised"] == pytest.approx(policy.budget["target"], abs=0.1)
+    episode(policy, steps=3, task="reach-v3")
