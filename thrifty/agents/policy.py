@@ -110,6 +110,7 @@ def run_policy_episode(policy: Policy, task: str, seed: int, max_steps: int = 20
     during the episode), kv_bytes_max (the largest state or KV cache the policy carried), exit_layer_mean,
     invalid_actions, actions_sha (a digest of the executed actions: same seed, same digest), episode_key (the env's
     `thrifty.envs.seeds.episode_key` of the initial state: seeds that give the same episode share it).
+    A policy with an `episode_report()` method adds its fields (DeeR: backbone and head FLOPs apart, loaded bytes).
     """
     env = env or make_env(task, max_steps=max_steps)
     sanitize = getattr(env, "sanitize_action", sanitize_action)
@@ -140,7 +141,8 @@ def run_policy_episode(policy: Policy, task: str, seed: int, max_steps: int = 20
                 success = bool(info["success"])
                 break
     timed = walls[WARMUP_STEPS:] or walls
-    return {"task": env.task, "success": success, "steps": steps, "decisions": steps, "flops_total": int(flops),
+    extras = policy.episode_report() if hasattr(policy, "episode_report") else {}  # e.g. DeeR's FLOPs apart
+    return {**extras, "task": env.task, "success": success, "steps": steps, "decisions": steps, "flops_total": int(flops),
             "flops_per_step": flops / steps, "wall_median_s": statistics.median(timed),
             "wall_p90_s": _quantile(timed, 0.9), "peak_rss_bytes": rss.peak_bytes, "kv_bytes_max": kv,
             "exit_layer_mean": statistics.fmean(exits) if exits else None, "invalid_actions": invalid,

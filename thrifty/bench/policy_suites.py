@@ -17,6 +17,8 @@ from thrifty.bench.results import Job
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_BC_POLICY = ASSETS / "bc_policy"
 """The behaviour-cloned MLP policy on Meta-World MT10 (`thrifty train policy`, see its card)."""
+SHIPPED_DEER_POLICY = ASSETS / "deer_policy"
+"""DeeR-VLA's multi-exit Llama policy on Meta-World MT10 (`thrifty train deer`, see its card and docs/deer.md)."""
 POLICY_MAX_STEPS = 200
 """Step cap of the policy suites: the MT10 experts need at most ~150 steps on evaluation layouts (docs/policies.md)."""
 
@@ -52,7 +54,35 @@ def _action_model(settings: dict):
                                   arch=arch, window=settings.get("window"), compile=settings.get("compile", False))
 
 
-POLICIES: dict[str, Callable[[dict], Any]] = {"expert": _expert, "bc-mlp": _bc_mlp, "action-model": _action_model}
+def _deer(settings: dict, mode: str | None = None):
+    """DeeR's policy: `exit_ratio` (average-compute budget: thresholds solved on the checkpoint's demonstration
+    scores), `max_layer` (peak budget: only that many layers built and loaded), `thresholds` (explicit, one per
+    allowed exit), `seed` (random exits); `path` (default: the shipped asset)."""
+    from thrifty.agents.deer_policy import DeerPolicy
+
+    known = {"path", "exit_ratio", "max_layer", "thresholds", "seed", "name", "mean_layers"}
+    unknown = set(settings) - known
+    if unknown:
+        raise ValueError(f"unknown deer settings {sorted(unknown)}; known: {sorted(known)}")
+    if mode == "random" and (settings.get("exit_ratio") is None) == (settings.get("mean_layers") is None):
+        raise ValueError("deer-random needs an exit_ratio (exits drawn from the geometric target DeeR's thresholds "
+                         "realise on the demonstrations) or a mean_layers (the target of that mean depth), one of them")
+    return DeerPolicy.load(settings.get("path") or SHIPPED_DEER_POLICY, exit_ratio=settings.get("exit_ratio"),
+                           max_layer=settings.get("max_layer"), thresholds=settings.get("thresholds"),
+                           mode=mode, seed=settings.get("seed", 0), name=settings.get("name"),
+                           mean_layers=settings.get("mean_layers"))
+
+
+def _deer_full(settings: dict):
+    if settings.get("exit_ratio") is not None or settings.get("thresholds") is not None:
+        raise ValueError("deer-full always takes the last allowed exit: give it no exit_ratio or thresholds "
+                         "(only max_layer)")
+    return _deer(settings, mode="full")
+
+
+POLICIES: dict[str, Callable[[dict], Any]] = {"expert": _expert, "bc-mlp": _bc_mlp, "action-model": _action_model,
+                                              "deer": _deer, "deer-full": _deer_full,
+                                              "deer-random": partial(_deer, mode="random")}
 """Policy builders by name: settings dict -> an object with the policy protocol (thrifty.agents.policy)."""
 
 
@@ -102,6 +132,20 @@ POLICY_SUITES: dict[str, PolicySuite] = {
                                 (_EXPERT, PolicyConfig("lram-dt-2domain", "action-model",
                                                        {"arch": "dt", "model": "action_model_dt_2domain"})),
                                 (*_mt10(), "babyai-UnlockLocal"), episodes=30),
+    "deer": PolicySuite("deer", "DeeR-VLA's multi-exit Llama policy on Meta-World MT10: full depth (12 layers), "
+                        "dynamic exits by action consistency at exit ratios 0.05, 0.1, 0.2 and 0.5 (average-compute "
+                        "budget), random exits drawn from the same target distribution as ratio 0.1, and maximum "
+                        "exit layers 6 and 2 (peak budget: the deeper layers not loaded)",
+                        (PolicyConfig("deer-full", "deer-full"),
+                         PolicyConfig("deer-r0.05", "deer", {"exit_ratio": 0.05}),
+                         PolicyConfig("deer-r0.1", "deer", {"exit_ratio": 0.1}),
+                         PolicyConfig("deer-r0.2", "deer", {"exit_ratio": 0.2}),
+                         PolicyConfig("deer-r0.5", "deer", {"exit_ratio": 0.5}),
+                         PolicyConfig("deer-random-r0.1", "deer-random", {"exit_ratio": 0.1}),
+                         PolicyConfig("deer-max6", "deer-full", {"max_layer": 6}),
+                         PolicyConfig("deer-max2", "deer-full", {"max_layer": 2}),
+                         PolicyConfig("deer-max6-r0.5", "deer", {"exit_ratio": 0.5, "max_layer": 6})),
+                        _mt10(), episodes=30, reference="deer-full"),
     # metaworld-demo: what `make demo` adds, a few seconds: one policy row beside the planner's
     "metaworld-demo": PolicySuite("metaworld-demo", "the shipped BC MLP policy and the expert on three MT10 tasks",
                                   (_EXPERT, _BC), ("reach-v3", "drawer-close-v3", "button-press-topdown-v3"),
@@ -119,6 +163,8 @@ def with_policy_path(suite: PolicySuite, path: str | Path | None) -> PolicySuite
 
     def moved(c: PolicyConfig) -> PolicyConfig:
         if c.policy == "bc-mlp":
+            return PolicyConfig(c.name, c.policy, {**c.settings, "path": str(path)})
+        if c.policy.startswith("deer"):
             return PolicyConfig(c.name, c.policy, {**c.settings, "path": str(path)})
         if c.policy == "action-model":
             model = c.settings.get("model", f"action_model_{c.settings['arch']}")
