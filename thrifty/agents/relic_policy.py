@@ -312,29 +312,41 @@ class RelicPolicy(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | Path) -> Path:
         """Write `relic_policy.json` (the config) and `model.safetensors` into directory `path`."""
-        from safetensors.torch import save_file
-
-        p = Path(path)
-        p.mkdir(parents=True, exist_ok=True)
-        (p / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(p / WEIGHTS_FILE))
-        return p
+        return save_trial_policy(self, path, CONFIG_FILE)
 
     @classmethod
     def load(cls, path: str | Path, observation_space: Any = None) -> "RelicPolicy":
         """Load a saved policy; with `observation_space`, refuse a checkpoint built for another one."""
-        from safetensors.torch import load_file
+        return load_trial_checkpoint(cls, RelicConfig, path, CONFIG_FILE, "ReLIC", observation_space)
 
-        p = Path(path)
-        if not (p / CONFIG_FILE).is_file() or not (p / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"no ReLIC policy in {p}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
-        config = RelicConfig(**json.loads((p / CONFIG_FILE).read_text()))
-        if observation_space is not None:
-            want = describe_space(observation_space)
-            if want != config.observation_space:
-                raise ObservationSpaceMismatchError(
-                    f"the policy in {p} was built for observation space {config.observation_space}, not for "
-                    f"{want}; train one for this environment")
-        policy = cls(config)
-        policy.load_state_dict(load_file(str(p / WEIGHTS_FILE)))
-        return policy
+
+def save_trial_policy(policy: nn.Module, path: str | Path, config_file: str) -> Path:
+    """A trial policy's config (JSON) and weights (safetensors) into directory `path`."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    (p / config_file).write_text(json.dumps(asdict(policy.config), indent=2))
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(p / WEIGHTS_FILE))
+    return p
+
+
+def load_trial_checkpoint(cls, config_cls, path: str | Path, config_file: str, name: str,
+                          observation_space: Any = None):
+    """`cls(config_cls(**json))` with the weights of directory `path`; with `observation_space`, a checkpoint built
+    for another one is refused."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not (p / config_file).is_file() or not (p / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"no {name} policy in {p}: expected {config_file} and {WEIGHTS_FILE}")
+    config = config_cls(**json.loads((p / config_file).read_text()))
+    if observation_space is not None:
+        want = describe_space(observation_space)
+        if want != config.observation_space:
+            raise ObservationSpaceMismatchError(
+                f"the policy in {p} was built for observation space {config.observation_space}, not for "
+                f"{want}; train one for this environment")
+    policy = cls(config)
+    policy.load_state_dict(load_file(str(p / WEIGHTS_FILE)))
+    return policy

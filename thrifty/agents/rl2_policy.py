@@ -9,18 +9,16 @@ episode_start (bool). Per step it costs the same at any trial length (the state 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from thrifty.agents.relic_policy import ObservationSpaceMismatchError, describe_space
+from thrifty.agents.relic_policy import describe_space, load_trial_checkpoint, save_trial_policy
 
 CONFIG_FILE = "rl2_policy.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -94,29 +92,11 @@ class RL2Policy(nn.Module):
         return self.step(self.start(obs.shape[0]), obs, prev_action, prev_reward, episode_start)
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        p = Path(path)
-        p.mkdir(parents=True, exist_ok=True)
-        (p / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(p / WEIGHTS_FILE))
-        return p
+        return save_trial_policy(self, path, CONFIG_FILE)
 
     @classmethod
     def load(cls, path: str | Path, observation_space: Any = None) -> "RL2Policy":
-        from safetensors.torch import load_file
-
-        p = Path(path)
-        if not (p / CONFIG_FILE).is_file() or not (p / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"no RL² policy in {p}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
-        config = RL2Config(**json.loads((p / CONFIG_FILE).read_text()))
-        if observation_space is not None and describe_space(observation_space) != config.observation_space:
-            raise ObservationSpaceMismatchError(
-                f"the policy in {p} was built for observation space {config.observation_space}, not for "
-                f"{describe_space(observation_space)}; train one for this environment")
-        policy = cls(config)
-        policy.load_state_dict(load_file(str(p / WEIGHTS_FILE)))
-        return policy
+        return load_trial_checkpoint(cls, RL2Config, path, CONFIG_FILE, "RL²", observation_space)
 
 
 def load_trial_policy(path: str | Path, observation_space: Any = None):
