@@ -171,6 +171,7 @@ def run_trial(policy, env, cfg: RelicTrainConfig, opt, generator: torch.Generato
     prev_reward = torch.zeros(cfg.num_envs)
     start = torch.ones(cfg.num_envs, dtype=torch.bool)
     update_stats = []
+    returns = torch.zeros(cfg.num_envs, n // spec.horizon)  # [B, episodes], in the order they were played
     for t in range(n):
         x = torch.as_tensor(obs, dtype=torch.float32)
         with torch.no_grad():
@@ -178,6 +179,7 @@ def run_trial(policy, env, cfg: RelicTrainConfig, opt, generator: torch.Generato
         action, logp = sample_action(logits[:, 0], generator)
         obs, reward, _, truncated, _ = env.step(action.numpy())
         buffer.add(t, x, action, logp, value[:, 0], reward, start)
+        returns[:, t // spec.horizon] += torch.as_tensor(reward, dtype=torch.float32)
         prev_action, prev_reward = action, torch.as_tensor(reward, dtype=torch.float32)
         start = torch.as_tensor(truncated, dtype=torch.bool)
         if (t + 1) % chunk == 0:
@@ -193,7 +195,6 @@ def run_trial(policy, env, cfg: RelicTrainConfig, opt, generator: torch.Generato
                     buffer.shuffle_episodes(t + 1, generator)
                 if cfg.refresh or cfg.shuffle_episodes:  # a shuffled context must be re-read to act on it
                     state = refresh(policy, buffer, t + 1)
-    returns = buffer.reward.view(cfg.num_envs, n // spec.horizon, spec.horizon).sum(-1)  # [B, episodes]
     out = {"return_episode_first": float(returns[:, 0].mean()), "return_episode_last": float(returns[:, -1].mean()),
            "return_mean": float(returns.mean())}
     for k in update_stats[0]:
