@@ -69,8 +69,24 @@ def describe_space(space: Any) -> dict[str, Any]:
             "high": np.asarray(space.high, float).tolist(), "dtype": str(space.dtype)}
 
 
+class SpacesConfig:
+    """What a trial policy's config knows of its environment: `observation_space` (`describe_space`) and
+    `n_actions`; `for_spaces` builds one from gymnasium spaces."""
+
+    observation_space: dict[str, Any]
+    n_actions: int
+
+    @classmethod
+    def for_spaces(cls, observation_space: Any, action_space: Any, **kw: Any):
+        return cls(observation_space=describe_space(observation_space), n_actions=int(action_space.n), **kw)
+
+    @property
+    def obs_dim(self) -> int:
+        return int(self.observation_space["shape"][0])
+
+
 @dataclass
-class RelicConfig:
+class RelicConfig(SpacesConfig):
     """The policy's shape and switches (defaults: ReLIC's Darkroom "tiny" transformer, research/seed-relic.md §3.2)."""
 
     observation_space: dict[str, Any]
@@ -104,13 +120,6 @@ class RelicConfig:
             raise ValueError(f"d_model {self.d_model}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads}: "
                              "heads must divide d_model and KV heads must divide heads")
 
-    @classmethod
-    def for_spaces(cls, observation_space: Any, action_space: Any, **kw: Any) -> "RelicConfig":
-        return cls(observation_space=describe_space(observation_space), n_actions=int(action_space.n), **kw)
-
-    @property
-    def obs_dim(self) -> int:
-        return int(self.observation_space["shape"][0])
 
 
 @dataclass

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from thrifty.agents.relic_policy import describe_space, load_trial_checkpoint, save_trial_policy
+from thrifty.agents.relic_policy import SpacesConfig, load_trial_checkpoint, save_trial_policy
 
 CONFIG_FILE = "rl2_policy.json"
 
 
 @dataclass
-class RL2Config:
+class RL2Config(SpacesConfig):
     observation_space: dict[str, Any]
     """`describe_space` of the environment's single observation space (Box, 1-D)"""
     n_actions: int
@@ -31,14 +31,6 @@ class RL2Config:
     max_episode_steps: int = 512
     """rows of the within-episode step embedding (as RelicPolicy's); later steps share the last row"""
     seed: int = 0
-
-    @classmethod
-    def for_spaces(cls, observation_space: Any, action_space: Any, **kw: Any) -> "RL2Config":
-        return cls(observation_space=describe_space(observation_space), n_actions=int(action_space.n), **kw)
-
-    @property
-    def obs_dim(self) -> int:
-        return int(self.observation_space["shape"][0])
 
 
 @dataclass
