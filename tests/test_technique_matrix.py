@@ -70,7 +70,8 @@ def _decide(planner: TextPlanner, technique, context: PlannerContext):
     ctx = DecisionContext(token_ids=ids, spans=dict(context.spans), seed=0)
     session, new_from = technique.open_session(planner.backbone, ctx)
     hook = technique.prefill_hook(ctx, planner.backbone.n_layers, new_from)
-    out = session.extend(ids[new_from:], logits="last", layer_hook=hook)
+    out = session.extend(ids[new_from:], logits="last", layer_hook=hook,
+                         exit_hook=technique.exit_hook(planner.backbone, ctx))
     technique.close_session(session, ctx, session.next_position)
     return out.logits[-1], session, out
 

@@ -22,6 +22,7 @@ from thrifty.cost.bandwidth import episode_bandwidth
 from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv
 from thrifty.envs.seeds import train_seed
 from thrifty.runtime import Session
+from thrifty.runtime.session import DecodeResult
 from thrifty.techniques import DecisionContext, Full, Technique
 
 DEFAULT_ACTION = "left"
@@ -116,25 +117,36 @@ class TextPlanner:
         with PeakRSS() as mem, Stopwatch() as sw:
             session, new_from = self.technique.open_session(self.backbone, ctx)
             hook = self.technique.prefill_hook(ctx, shape.n_layers, new_from)
-            draft = self._last_first if self.draft and hook is None else None
+            exit_hook = self.technique.exit_hook(self.backbone, ctx)
+            if exit_hook is not None and choose is not None:
+                raise ValueError(f"{self.technique.name}: an early exit chooses among its head's action words, but "
+                                 "this decision is constrained to another language (`choose`, e.g. the coop "
+                                 "planner's structured decisions); early exit is not supported there")
+            draft = self._last_first if self.draft and hook is None and exit_hook is None else None
             if draft is None:
-                pre = session.extend(ids[new_from:], logits="last", layer_hook=hook)
+                pre = session.extend(ids[new_from:], logits="last", layer_hook=hook, exit_hook=exit_hook)
             else:
                 pre = session.extend_with_draft(ids[new_from:], draft, choose=choose)
             decode_from = session.next_position - int(bool(pre.draft_accepted))
-            out = session.decode(max_new_tokens or self.max_new_tokens, stop_ids=self.stop_ids, choose=choose)
-            first = out.token_ids[0] if out.token_ids else None
-            self._last_first = None if first is None or first in self.stop_ids else first
-            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            if pre.exited_after is not None:  # early exit: the technique's head chose the output, no decode
+                out, text = DecodeResult(), self.technique.exit_text()
+                self._last_first = None
+            else:
+                out = session.decode(max_new_tokens or self.max_new_tokens, stop_ids=self.stop_ids, choose=choose)
+                first = out.token_ids[0] if out.token_ids else None
+                self._last_first = None if first is None or first in self.stop_ids else first
+                text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
             self.technique.close_session(session, ctx, decode_from)
-        prefill_flops = forward_flops(shape, pre.works, n_logits=1 if pre.draft_accepted is None else 2)
+        exited = pre.exited_after is not None
+        prefill_flops = forward_flops(shape, pre.works, n_logits=0 if exited else 1 + int(pre.draft_accepted is not None))
         decode_flops = sum(forward_flops(shape, w, n_logits=1) for w in out.works)
         record = CostRecord(
             tokens_in=len(context.ids) - new_from, tokens_context=len(context.ids), tokens_out=len(out.token_ids),
             tokens_per_layer=[w.queries for w in pre.works], kv_per_layer=session.kv_lengths(),
-            prefix_tokens_reused=new_from, flops=prefill_flops + decode_flops, prefill_flops=prefill_flops,
-            wall_s=sw.seconds, peak_rss_bytes=mem.peak_bytes, kv_bytes=kv_bytes(session.kv_tensors()),
-            exit_layer=shape.n_layers)
+            prefix_tokens_reused=new_from, flops=prefill_flops + decode_flops + self.technique.own_flops(),
+            prefill_flops=prefill_flops, wall_s=sw.seconds, peak_rss_bytes=mem.peak_bytes,
+            kv_bytes=kv_bytes(session.kv_tensors()),
+            exit_layer=pre.exited_after + 1 if exited else shape.n_layers)
         self.last_report = self.technique.report()
         return text, record
 
@@ -205,6 +217,7 @@ def run_episode(planner: TextPlanner, level: str, seed: int, config: EpisodeConf
         "kv_bytes_max": max((r.kv_bytes for r in records), default=0),
         "technique": planner.technique.name,
         "technique_reports": reports if any(reports) else [],
+        "exit_layer_mean": statistics.fmean(r.exit_layer for r in records) if records else 0.0,
         "prefix_tokens_reused_total": sum(r.prefix_tokens_reused for r in records),
         "tokens_in_total": sum(r.tokens_in for r in records),
         **episode_bandwidth(records, planner.backbone.shape, reward),
@@ -214,6 +227,7 @@ def run_episode(planner: TextPlanner, level: str, seed: int, config: EpisodeConf
             "prefix_tokens_reused": [r.prefix_tokens_reused for r in records],
             "tokens_per_layer": [r.tokens_per_layer for r in records],
             "flops": [r.flops for r in records],
+            "exit_layer": [r.exit_layer for r in records],
             "wall_s": [round(r.wall_s, 6) for r in records],
         },
     }

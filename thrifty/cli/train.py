@@ -115,3 +115,43 @@ def train_pruner_cmd(
     except (ModelLoadError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     console.print(f"pruner written to {path}")
+
+
+@train_app.command("exits")
+def train_exits_cmd(
+    model: Path = typer.Option(None, help="planner directory (default: the shipped planner)"),
+    out: Path = typer.Option(None, help="exit-head directory to write (default: the shipped asset's place, "
+                             "thrifty/assets/planner_exits)"),
+    run_dir: Path = typer.Option(Path("runs/exits"), help="recorded rollout features (a rerun reuses them)"),
+    levels: Optional[str] = typer.Option(None, help="levels to roll out on (default: the recipe's four BabyAI levels)"),
+    episodes: Optional[int] = typer.Option(None, min=2, help="closed-loop episodes per level (default: the recipe's)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps (default: the recipe's)"),
+    seed: int = typer.Option(0, help="seed of the split, the initialisation and the batches"),
+    threads: int = typer.Option(1, min=1, help="torch threads"),
+) -> None:
+    """Train the planner's shared exit head for the `early_exit` technique (DeeR-VLA), by self-distillation on
+    the planner's own closed-loop decisions; writes the head with its held-out consistency scores and card."""
+    from thrifty.backbones.hf import ModelLoadError
+    from thrifty.bench import SHIPPED_PLANNER
+    from thrifty.envs.babyai_text import UnknownLevelError, level_id
+    from thrifty.techniques.early_exit import SHIPPED_EXIT_HEAD
+    from thrifty.train.exits import ExitsRecipe, train_exits
+
+    recipe = ExitsRecipe(threads=threads, seed=seed)
+    if levels:
+        recipe.levels = [lv.strip() for lv in levels.split(",") if lv.strip()]
+        try:
+            for lv in recipe.levels:
+                level_id(lv)
+        except UnknownLevelError as e:
+            fail(str(e))
+    if episodes:
+        recipe.episodes_per_level = episodes
+    if steps:
+        recipe.steps = steps
+    try:
+        path = train_exits(model or SHIPPED_PLANNER, out or SHIPPED_EXIT_HEAD, run_dir, recipe,
+                           command="thrifty " + " ".join(sys.argv[1:]))
+    except (ModelLoadError, OSError, ValueError) as e:
+        fail(str(e))
+    console.print(f"exit head written to {path}; use it with technique early_exit (settings head={path})")

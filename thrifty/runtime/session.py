@@ -25,6 +25,8 @@ from thrifty.backbones.hf import HFDecoder
 from thrifty.cost.flops import LayerWork
 
 LayerHook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+ExitHook = Callable[[int, torch.Tensor], bool]
+"""(layer_idx, hidden [1, q, d] after that layer) -> True to stop the pass there (early exit, DeeR-VLA)."""
 
 
 @dataclass
@@ -37,6 +39,9 @@ class ExtendResult:
     positions_kept: torch.Tensor
     draft_accepted: bool | None = None
     """`extend_with_draft` only: whether the drafted token was greedy's choice (and stayed in the session)"""
+    exited_after: int | None = None
+    """`exit_hook` only: the layer after which the pass stopped (the new tokens are in layers 0..exited_after
+    only, `logits` is empty and `decode` cannot follow), or None when every layer ran"""
 
     @property
     def n_logits(self) -> int:
@@ -144,6 +149,7 @@ class Session:
         span: str | None = None,
         logits: Literal["last", "all"] = "last",
         layer_hook: LayerHook | None = None,
+        exit_hook: ExitHook | None = None,
         _rows: int = 1,
     ) -> ExtendResult:
         """Append tokens ids [q] (or [1, q]) at positions next_position..next_position+q-1.
@@ -152,6 +158,10 @@ class Session:
         keeps only those rows for deeper layers (layer l's cache keeps all q_l). `span` names the new
         positions [start, end) in `spans` (replacing an earlier span of that name). The session is only
         changed if the call succeeds.
+
+        `exit_hook(l, hidden [1, q_l, d])` runs after every layer l but the last (after `layer_hook`); returning
+        True stops the pass: deeper layers never see the new tokens (their caches stay without them, as for tokens
+        pruned at l), no logits are computed and `result.exited_after` is l.
         """
         if logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
@@ -168,6 +178,7 @@ class Session:
         impl = getattr(bb.config, "_attn_implementation", None)
         sdpa = impl == "sdpa"
         last_mask = None  # (key_pos, window, mask, pos): layers with the same queries and keys share one mask
+        exited_after = None
         with torch.no_grad():
             h = bb.embed(ids_t[None])
             pe = bb.rotary(h, pos)
@@ -195,20 +206,22 @@ class Session:
                                        pairs=_visible_pairs(pos, key_pos, window, cached=positions[l])))
                 h = bb.run_layer(l, h, pos, mask, cache, position_embeddings=pe)
                 positions[l] = key_pos
-                if layer_hook is None:
-                    continue
-                keep = layer_hook(l, h, pos)
-                if keep is None:
-                    continue
-                keep = self._check_rows(keep, pos.numel(), l)
-                if logits == "last" and (keep.numel() == 0 or int(keep[-1]) != pos.numel() - 1):
+                keep = None if layer_hook is None else layer_hook(l, h, pos)
+                if keep is not None:
+                    keep = self._check_rows(keep, pos.numel(), l)
+                if keep is not None and logits == "last" and (keep.numel() == 0 or int(keep[-1]) != pos.numel() - 1):
                     raise ValueError(
                         f"layer_hook dropped the final new token at layer {l}, but logits='last' needs it"
                     )
-                if keep.numel() != pos.numel():
+                if keep is not None and keep.numel() != pos.numel():
                     h, pos = h[:, keep], pos[keep]
                     pe = bb.rotary(h, pos)
-            if logits == "last":
+                if exit_hook is not None and l < bb.n_layers - 1 and pos.numel() and exit_hook(l, h):
+                    exited_after = l
+                    break
+            if exited_after is not None:
+                out = h.new_empty(0, bb.shape.vocab_size)
+            elif logits == "last":
                 out = bb.logits(h[0, -_rows:])
             else:
                 out = bb.logits(h[0])
@@ -220,9 +233,9 @@ class Session:
         self.token_ids.extend(int(t) for t in ids_t.tolist())
         if span is not None:
             self.spans[span] = (start, start + q)
-        reached_end = pos.numel() > 0 and int(pos[-1]) == start + q - 1
+        reached_end = exited_after is None and pos.numel() > 0 and int(pos[-1]) == start + q - 1
         self._last_logits = out[-1] if reached_end else None
-        return ExtendResult(logits=out, works=works, positions_kept=pos)
+        return ExtendResult(logits=out, works=works, positions_kept=pos, exited_after=exited_after)
 
     @staticmethod
     def _check_rows(keep, q: int, layer: int) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 from thrifty.techniques.base import (REGISTRY, DecisionContext, Full, LayerHook, Technique, UnknownTechniqueError,
                                      build, register)
-from thrifty.techniques import (random_pruning, recency_pruning, sink_kv, sink_window,  # noqa: F401  (register)
-                                token_pruning)
+from thrifty.techniques import (early_exit, random_pruning, recency_pruning, sink_kv,  # noqa: F401  (register)
+                                sink_window, token_pruning)
 
 __all__ = ["REGISTRY", "DecisionContext", "Full", "LayerHook", "Technique", "UnknownTechniqueError", "build",
            "register"]

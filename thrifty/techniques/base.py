@@ -21,6 +21,8 @@ import torch
 
 LayerHook = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 """(layer_idx, hidden [1, q, d], positions [q]) -> sorted row indices to keep, or None to keep all."""
+ExitHook = Callable[[int, torch.Tensor], bool]
+"""(layer_idx, hidden [1, q, d]) -> True to stop the decision's pass after that layer (`Session.extend`)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,19 @@ class Technique:
     def prefill_hook(self, ctx: DecisionContext, n_layers: int, new_from: int) -> LayerHook | None:
         """A hook run after each decoder layer while the tokens from `new_from` on are prefilled, or None."""
         return None
+
+    def exit_hook(self, backbone, ctx: DecisionContext) -> ExitHook | None:
+        """A hook run after each layer but the last while the decision's tokens are prefilled; when it returns True
+        the pass stops and the decision's output is `exit_text()` instead of a decode (early exit). None: never."""
+        return None
+
+    def exit_text(self) -> str:
+        """The output of the last decision that exited early (called only after `exit_hook` returned True)."""
+        raise NotImplementedError(f"{self.name} has no exit hook")
+
+    def own_flops(self) -> int:
+        """FLOPs the technique itself spent in the last decision outside the backbone (e.g. an exit head)."""
+        return 0
 
     def close_session(self, session, ctx: DecisionContext, decode_from: int) -> None:
         """Called after decoding; the session holds the context then the generated tokens from `decode_from`."""

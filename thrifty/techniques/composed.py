@@ -6,7 +6,9 @@ Rules (refused with a `CompositionError` naming the reason when they cannot hold
 - a part whose choice depends on the whole context (its `kept_cache_conflict()` gives a reason) cannot run over
   a kept session, and is refused when a session provider is present;
 - a session provider with a prefix store gets a store namespace naming the other parts and their settings, so
-  caches computed under different pruning policies never mix.
+  caches computed under different pruning policies never mix;
+- at most one part exits early (`early_exit`); its exit hook, output and head FLOPs are the composition's. Over a
+  kept session, an early-exited decision's new tokens stay out of the layers past its exit (as pruned tokens do).
 
 Over a kept session, pruning never touches the stable prefix (cached entries are never rewritten: rewriting the
 prefix is what destroys reuse in serving engines), and what it drops stays out of deeper layers' caches for every
@@ -58,6 +60,10 @@ def provides_session(t: Technique) -> bool:
 
 def has_layer_hook(t: Technique) -> bool:
     return type(t).prefill_hook is not Technique.prefill_hook
+
+
+def has_exit_hook(t: Technique) -> bool:
+    return type(t).exit_hook is not Technique.exit_hook
 
 
 def chain_hooks(hooks: list[LayerHook], protect_before: int | None = None) -> LayerHook:
@@ -139,6 +145,11 @@ class Composed(Technique):
             raise CompositionError(f"{[p.name for p in providers]} each provide the session; at most one can")
         self.provider = providers[0] if providers else None
         self.hooked = [p for p in self.parts if p is not self.provider and has_layer_hook(p)]
+        exiting = [p for p in self.parts if has_exit_hook(p)]
+        if len(exiting) > 1:
+            raise CompositionError(f"{[p.name for p in exiting]} each decide where a decision's pass stops; at "
+                                   "most one early exit can")
+        self.exiting = exiting[0] if exiting else None
         if self.provider is not None:
             for p in self.parts:
                 reason = p.kept_cache_conflict() if p is not self.provider else None
@@ -217,6 +228,17 @@ class Composed(Technique):
             return None
 
         return record
+
+    def exit_hook(self, backbone, ctx: DecisionContext):
+        return None if self.exiting is None else self.exiting.exit_hook(backbone, ctx)
+
+    def exit_text(self) -> str:
+        if self.exiting is None:
+            return super().exit_text()
+        return self.exiting.exit_text()
+
+    def own_flops(self) -> int:
+        return sum(p.own_flops() for p in self.parts)
 
     def close_session(self, session, ctx: DecisionContext, decode_from: int) -> None:
         for p in self.parts:

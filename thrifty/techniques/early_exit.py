@@ -1,8 +1,9 @@
-"""DeeR-VLA's dynamic early exit: the action-consistency criterion and the budgets that set its thresholds.
+"""DeeR-VLA's dynamic early exit: the criterion, the budgets that set its thresholds, and the `early_exit` technique.
 
 DeeR-VLA (Yue et al., NeurIPS 2024) runs a multi-exit LLM policy layer by layer and stops at the first exit whose
-action agrees with the previous exit's. This module holds the parts that do not depend on the model, so a policy
-(`thrifty.agents.deer_policy`) or a planner can use them:
+action agrees with the previous exit's. The functions below do not depend on the model; the multi-exit policy
+(`thrifty.agents.deer_policy`) and the registered `early_exit` technique for LM planners (`EarlyExit`, at the end;
+its head is `thrifty.agents.planner_exits`) both use them:
 
 - `consistency_score(a, b)`: the RMS of the arm-action difference between two consecutive exits, sqrt(mean((a -
   b)^2)) over the arm dimensions (DeeR's "L2" option, which is an RMS, not a norm). The first exit is compared with
@@ -36,9 +37,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+from thrifty.techniques.base import DecisionContext, Technique, register
 
 
 def consistency_score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -161,3 +166,150 @@ class ExitBudget:
                 "exit_layers": allowed,
                 "target_mean_layers": float(np.dot(probs, allowed)),
                 "realised_mean_layers": float(np.dot(realised, allowed))}
+
+
+# ---------------------------------------------------------------------------------------------- the planner technique
+SHIPPED_EXIT_HEAD = Path(__file__).resolve().parent.parent / "assets" / "planner_exits"
+"""The shipped planner's exit head (`thrifty train exits`; its card says how it was made)."""
+
+
+@register("early_exit")
+@dataclass
+class EarlyExit(Technique):
+    """DeeR-VLA's dynamic early exit on an LM planner: after each layer from `min_layer` on, a shared exit head
+    (`thrifty.agents.planner_exits`) gives the decision token's action distribution; the pass stops at the first
+    layer whose distribution is within its threshold (total variation) of the previous layer's, and the action is
+    that exit's argmax. Otherwise the last layer runs and the model decodes as usual (so an exit that never fires
+    is the full model exactly).
+
+    The KV of deeper layers for tokens whose decision exited at layer d: never computed. Those layers' caches stay
+    without them, as for tokens pruned at d (`Session.extend`'s exit hook), so over a kept session (prefix reuse)
+    later decisions attend at the deep layers over the tokens that reached them; the prefix store keeps such
+    caches apart (`composed` names the settings in its namespace). A decision's pass is cut for all its new tokens
+    at once, so a layer cache never holds a later token without the earlier ones of the same decision.
+
+    Budgets (as in DeeR): `exit_ratio` (average compute: a geometric target distribution over the allowed exits,
+    thresholds solved on the head's held-out decisions; the realised shares are in `budget`), `thresholds` (given
+    directly, one per allowed exit, the last ignored), `max_layer` (peak compute: no layer deeper than it runs; the
+    head always exits there when it is below the last layer). No-op: exit_ratio=None, thresholds=None,
+    max_layer=None (nothing loaded, nothing exits).
+    """
+
+    noop_settings: ClassVar[dict[str, Any]] = {"exit_ratio": None}
+
+    exit_ratio: float | None = 0.3
+    """the average-compute budget (r < 1 favours early exits); None: no ratio (thresholds, or max_layer alone)"""
+    thresholds: list | None = None
+    """explicit thresholds, one per allowed exit (depths min_layer..last allowed; the last is ignored)"""
+    max_layer: int | None = None
+    """the deepest layer run (1-based, >= min_layer); None = the model's last layer"""
+    min_layer: int = 2
+    """the first layer that may exit (>= 2: its score compares it with the layer before)"""
+    head: str = ""
+    """exit-head directory; '' = the shipped planner's (thrifty/assets/planner_exits)"""
+
+    def __post_init__(self) -> None:
+        if self.exit_ratio is not None:
+            target_distribution(self.exit_ratio, 1)  # a clear error for <= 0, NaN, inf
+        if self.exit_ratio is not None and self.thresholds is not None:
+            raise ValueError("give early_exit either exit_ratio or thresholds, not both (the ratio solves thresholds)")
+        if self.thresholds is not None:
+            if isinstance(self.thresholds, (str, bytes)) or not all(
+                    isinstance(t, (int, float)) and not np.isnan(t) for t in self.thresholds):
+                raise ValueError(f"thresholds must be a list of numbers, got {self.thresholds!r}")
+            self.thresholds = [float(t) for t in self.thresholds]
+        if not isinstance(self.min_layer, int) or self.min_layer < 2:
+            raise ValueError(f"min_layer must be an integer >= 2 (the first exit compares its layer's action "
+                             f"distribution with the layer before), got {self.min_layer!r}")
+        if self.max_layer is not None and (not isinstance(self.max_layer, int) or self.max_layer < self.min_layer):
+            raise ValueError(f"max_layer must be an integer >= min_layer ({self.min_layer}), got {self.max_layer!r}")
+        self._bound = None  # (backbone, loaded head, thresholds array, budget dict)
+        self._action: str | None = None
+        self._report: dict[str, Any] = {}
+        self._flops = 0
+
+    @property
+    def is_noop(self) -> bool:
+        return self.exit_ratio is None and self.thresholds is None and self.max_layer is None
+
+    def bind(self, backbone) -> None:
+        """Load the head for `backbone` and solve the thresholds (once per backbone); errors say what to change."""
+        if self.is_noop or (self._bound is not None and self._bound[0] is backbone):
+            return
+        from thrifty.agents.planner_exits import load_exit_head
+
+        n_layers = backbone.n_layers
+        last = n_layers if self.max_layer is None else self.max_layer
+        if last > n_layers:
+            raise ValueError(f"max_layer {self.max_layer} is outside this {n_layers}-layer model: choose "
+                             f"{self.min_layer}..{n_layers}")
+        if self.min_layer > last:
+            raise ValueError(f"min_layer {self.min_layer} is past the last allowed layer {last} of this "
+                             f"{n_layers}-layer model")
+        loaded = load_exit_head(self.head or SHIPPED_EXIT_HEAD, backbone)
+        depths = list(range(self.min_layer, last + 1))
+        if self.thresholds is not None:
+            if len(self.thresholds) != len(depths):
+                raise ValueError(f"{len(self.thresholds)} thresholds given, but the allowed exits are layers "
+                                 f"{depths} ({len(depths)} thresholds, the last ignored)")
+            thresholds = np.asarray(self.thresholds[:-1] + [np.inf])
+            budget = {"exit_layers": depths, "thresholds": thresholds.tolist()}
+        else:
+            scores = loaded.scores.numpy()[self.min_layer - 2:last - 1]  # rows for depths min_layer..last
+            budget = ExitBudget(exit_ratio=self.exit_ratio).resolve(scores, depths)
+            thresholds = np.asarray(budget["thresholds"])
+        self._bound = (backbone, loaded, thresholds, budget)
+
+    @property
+    def budget(self) -> dict:
+        """The solved budget: allowed exit layers, thresholds, target and realised shares on the head's data."""
+        return {} if self._bound is None else dict(self._bound[3])
+
+    def exit_hook(self, backbone, ctx: DecisionContext):
+        self._action, self._report, self._flops = None, {}, 0
+        if self.is_noop:
+            return None
+        from thrifty.agents.planner_exits import consistency
+
+        self.bind(backbone)
+        _, loaded, thresholds, budget = self._bound
+        head, actions = loaded.head, loaded.head.cfg.actions
+        depths = budget["exit_layers"]
+        last = depths[-1]
+        state: dict[str, Any] = {"prev": None, "scores": []}
+
+        def hook(layer: int, h: torch.Tensor) -> bool:
+            depth = layer + 1
+            if depth < self.min_layer - 1:
+                return False
+            probs = torch.softmax(head(h[0, -1]), -1)
+            self._flops += head.flops()
+            prev, state["prev"] = state["prev"], probs
+            if prev is None:
+                return False
+            score = float(consistency(probs, prev))
+            state["scores"].append(round(score, 5))
+            k = depth - self.min_layer
+            if depth == last or score <= thresholds[k]:
+                self._action = actions[int(probs.argmax())]
+                self._report = {"exit_layer": depth, "scores": state["scores"], "action": self._action}
+                return True
+            return False
+
+        return hook
+
+    def exit_text(self) -> str:
+        if self._action is None:
+            raise RuntimeError("early_exit.exit_text() called, but the last decision did not exit early")
+        return self._action
+
+    def own_flops(self) -> int:
+        return self._flops
+
+    def report(self) -> dict[str, Any]:
+        return {**self._report, "head_flops": self._flops} if self._flops else dict(self._report)
+
+    def __deepcopy__(self, memo):  # a copy (warm-up's twin) shares the loaded head and solved thresholds, read only
+        twin = type(self)(**self.settings())
+        twin._bound = self._bound
+        return twin
