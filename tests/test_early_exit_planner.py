@@ -212,3 +212,24 @@ def test_bad_inputs(planner, head_dir, tmp_path):
 def test_noop_loads_nothing():
     t = build("early_exit", **EarlyExit.noop_settings)
     assert t.is_noop and t.exit_hook(None, None) is None
+
+
+def test_the_coop_planner_refuses_early_exit(planner, head_dir):
+    from thrifty.agents.coop_planner import CoopPlanner
+
+    for t in (build("early_exit", head=str(head_dir)),
+              build("composed", techniques=["prefix_reuse", "early_exit"])):
+        with pytest.raises(ValueError, match="not supported on the coop planner"):
+            CoopPlanner(planner.backbone, planner.tokenizer, t)
+
+
+def test_the_shipped_head_fits_the_shipped_planner_and_its_suites_build():
+    from thrifty.bench import SHIPPED_PLANNER
+    from thrifty.bench.suites import check_configs, get_suite
+    from thrifty.techniques.early_exit import SHIPPED_EXIT_HEAD
+
+    shipped = TextPlanner.load(SHIPPED_PLANNER)
+    loaded = load_exit_head(SHIPPED_EXIT_HEAD, shipped.backbone)  # raises for a head of another model
+    assert loaded.scores.shape[0] == shipped.backbone.n_layers - 1
+    for suite in ("exits", "demo"):
+        check_configs(get_suite(suite).configs, SHIPPED_PLANNER)

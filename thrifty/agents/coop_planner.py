@@ -63,6 +63,12 @@ class CoopPlanner:
 
     def __init__(self, backbone, tokenizer, technique: Technique | None = None,
                  max_new_tokens: int = MAX_NEW_TOKENS, constrained: bool = False):
+        from thrifty.techniques.composed import has_exit_hook
+
+        if technique is not None and any(has_exit_hook(p) for p in getattr(technique, "parts", (technique,))):
+            raise ValueError(f"{technique.name}: early exit answers with its head's action words (BabyAI's), but "
+                             "the cooperative planner's decisions are structured reports and goals in another "
+                             "language; early exit is not supported on the coop planner")
         self.planner = TextPlanner(backbone, tokenizer, technique, max_new_tokens=max_new_tokens)
         self.constrained = constrained
         self._constraints: dict[tuple, TextSetConstraint] = {}

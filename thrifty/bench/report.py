@@ -53,6 +53,7 @@ ROW_FIELDS = (
     "decisions",
     "tokens_per_decision",
     "flops_per_decision",
+    "layers_per_decision",
     "latency_median_s",
     "peak_rss_mb",
     "kv_mb",
@@ -156,6 +157,11 @@ def _row(config: Any, level: Any, eps: list[Mapping[str, Any]]) -> dict[str, Any
             dec_sum += d
             pooled = True
     flops_per_decision = flops_sum / dec_sum if pooled and dec_sum > 0 else None
+    # layers run per decision (early exit), pooled the same way
+    layer_pairs = [(x, d) for e in eps if (x := _num(e, "exit_layer_mean")) is not None
+                   and (d := _num(e, "decisions")) is not None]
+    layer_dec = sum(d for _, d in layer_pairs)
+    layers_per_decision = sum(x * d for x, d in layer_pairs) / layer_dec if layer_dec > 0 else None
 
     prompt, cached = vals("prompt_tokens_total"), vals("cached_tokens_total")
     hit_rate = sum(cached) / sum(prompt) if prompt and sum(prompt) > 0 else None  # token-weighted
@@ -174,6 +180,7 @@ def _row(config: Any, level: Any, eps: list[Mapping[str, Any]]) -> dict[str, Any
         "decisions": _mean(vals("decisions")),
         "tokens_per_decision": _mean(vals("tokens_context_mean")),
         "flops_per_decision": flops_per_decision,
+        "layers_per_decision": layers_per_decision,
         "latency_median_s": statistics.median(wall) if wall else None,
         "peak_rss_mb": max(rss) / _MB if rss else None,
         "kv_mb": _mean(kv) / _MB if kv else None,
@@ -284,6 +291,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: s
         "decisions",
         "tokens/dec",
         "FLOPs/dec",
+        "layers/dec",
         "latency p50",
         "peak RSS",
         "KV cache",
@@ -304,6 +312,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: s
             _fmt(r.get("decisions"), ".1f"),
             _fmt(r.get("tokens_per_decision"), ".0f"),
             format_flops(r.get("flops_per_decision")),
+            _fmt(r.get("layers_per_decision"), ".2f"),
             "–" if lat is None else f"{lat * 1e3:.1f} ms",
             "–" if r.get("peak_rss_mb") is None else f"{r['peak_rss_mb']:.0f} MB",
             "–" if r.get("kv_mb") is None else f"{r['kv_mb']:.2f} MB",

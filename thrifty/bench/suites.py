@@ -64,6 +64,8 @@ class Suite:
     min_distinct: int | None = None
     """floor on the distinct episodes (`BabyAITextEnv.episode_key`) the suite's seeds give on each of its levels
     (None: every seed a distinct episode); `check_distinct` refuses a suite below it"""
+    reference: str = "full"
+    """the config every other one is paired with (success differences on the same episodes)"""
 
     def __post_init__(self):
         if self.episodes < 1:
@@ -109,6 +111,16 @@ def _reuse_with(pruning: str, keep_ratio: float) -> BenchConfig:
 
 REUSE = BenchConfig("prefix_reuse", "prefix_reuse")
 
+
+def _reuse_exit(name: str, **exit_settings) -> BenchConfig:
+    """Prefix reuse composed with early exit (DeeR-VLA) on the shipped planner's exit head."""
+    return BenchConfig(name, "composed", {"techniques": ["prefix_reuse", "early_exit"],
+                                          "part_settings": {"early_exit": exit_settings}})
+
+
+EXIT_RATIO = 0.3
+"""The demo's early-exit budget (DeeR's exit ratio: a geometric target over the exits at layers 2..6)."""
+
 PRUNING_KEEP = 0.6
 """The demo's keep setting: E-RECAP's compounding keep ratio at which the shipped planner's prefill does ~61% of the
 full model's FLOPs (held-out contexts, `thrifty pruning-quality`), i.e. saves more than 30%."""
@@ -138,9 +150,9 @@ def with_pruner(configs: tuple[BenchConfig, ...], pruner: str | None) -> tuple[B
 
 SUITES: dict[str, Suite] = {
     "demo": Suite("demo", "the shipped planner on BabyAI-Text: full model, prefix reuse, learned token pruning and "
-                  "its count-matched baselines, reuse + token pruning",
+                  "its count-matched baselines, reuse + token pruning, reuse + early exit",
                   (BenchConfig("full"), REUSE, *(_pruned(t, PRUNING_KEEP) for t in PRUNING_TECHNIQUES),
-                   _reuse_with("token_pruning", PRUNING_KEEP)),
+                   _reuse_with("token_pruning", PRUNING_KEEP), _reuse_exit("reuse+early_exit", exit_ratio=EXIT_RATIO)),
                   levels=("GoToLocal", "PickupLoc", "GoToObjMazeS4"), episodes=2, max_steps=48, min_distinct=2),
     # demo: 5 of its 7 configs recompute the context at every step, so it is kept to a few minutes on 2 cores by
     # 2 episodes per level, a 48-step cap (the expert needs at most ~50 steps on these levels) and no
@@ -153,6 +165,15 @@ SUITES: dict[str, Suite] = {
                      min_distinct=20),
     # pruning: PutNextLocal is left out because the shipped planner solves none of it (nothing to lose)
     # measured through prefix reuse: exact (same logits as full recompute, tests/test_prefix_reuse.py), 15x faster
+    # exits (issue 16): DeeR-VLA's early exit on the planner, over exact prefix reuse (the full model's decisions at
+    # reuse's cost) so that the difference is the exit alone; paired with prefix_reuse on the same episodes.
+    "exits": Suite("exits", "DeeR-VLA early exit on the planner: exit ratios (average-compute budgets) and a "
+                   "maximum layer (peak budget), against the full-depth planner, all over exact prefix reuse",
+                   (REUSE, *(_reuse_exit(f"reuse+exit r={r:g}", exit_ratio=r) for r in (0.1, EXIT_RATIO, 1.0)),
+                    _reuse_exit("reuse+exit max4", exit_ratio=None, max_layer=4),
+                    _reuse_exit("reuse+exit max4 r=0.3", exit_ratio=EXIT_RATIO, max_layer=4)),
+                   levels=("GoToLocal", "PickupLoc", "GoToObjMazeS4"), episodes=30, max_steps=64, min_distinct=30,
+                   reference="prefix_reuse"),
     "planner": Suite("planner", "the shipped planner's success per level (README and card figures), measured "
                      "through exact prefix reuse", (REUSE,), episodes=30, min_distinct=30),
     "reuse": Suite("reuse", "prefix reuse: kept session, reuse + pruning, and the cross-episode store's byte budget",

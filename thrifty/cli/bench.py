@@ -151,8 +151,8 @@ def bench(
     overall = summarize(records, by_level=False)
     if by_level:
         print_table(overall, console=console, title=f"thrifty bench {suite}: all levels", caption=note)
-    paired = paired_rows(records)  # each config against `full` on the same (level, seed) episodes
-    print_paired(paired, console, f"thrifty bench {suite}: paired with full (same levels and seeds)")
+    paired = paired_rows(records, spec.reference)  # each config against the reference on the same episodes
+    print_paired(paired, console, f"thrifty bench {suite}: paired with {spec.reference} (same levels and seeds)")
     plot = pareto_plot(rows + overall if by_level else overall, out.with_suffix(".png"),  # a panel per level, and all
                        title=f"thrifty bench {suite}")
     summary = write_summary_json(rows, out.with_name(out.stem + "_summary.json"))
