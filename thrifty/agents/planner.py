@@ -18,6 +18,7 @@ import torch
 from thrifty.agents.transcript import ACT_PROMPT, action_segment, mission_segment, observation_segment
 from thrifty.backbones import HFDecoder
 from thrifty.cost import CostRecord, PeakRSS, Stopwatch, forward_flops, kv_bytes
+from thrifty.cost.flops import kv_projection_flops
 from thrifty.cost.bandwidth import episode_bandwidth
 from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv
 from thrifty.envs.seeds import train_seed
@@ -124,7 +125,8 @@ class TextPlanner:
                                  "planner's structured decisions); early exit is not supported there")
             draft = self._last_first if self.draft and hook is None and exit_hook is None else None
             if draft is None:
-                pre = session.extend(ids[new_from:], logits="last", layer_hook=hook, exit_hook=exit_hook)
+                pre = session.extend(ids[new_from:], logits="last", layer_hook=hook, exit_hook=exit_hook,
+                                     propagate_on_exit=self.technique.propagates_on_exit())
             else:
                 pre = session.extend_with_draft(ids[new_from:], draft, choose=choose)
             decode_from = session.next_position - int(bool(pre.draft_accepted))
@@ -140,6 +142,7 @@ class TextPlanner:
         exited = pre.exited_after is not None
         prefill_flops = forward_flops(shape, pre.works, n_logits=0 if exited else 1 + int(pre.draft_accepted is not None))
         decode_flops = sum(forward_flops(shape, w, n_logits=1) for w in out.works)
+        prefill_flops += kv_projection_flops(shape, pre.propagated)  # early exit's state propagation, if any
         record = CostRecord(
             tokens_in=len(context.ids) - new_from, tokens_context=len(context.ids), tokens_out=len(out.token_ids),
             tokens_per_layer=[w.queries for w in pre.works], kv_per_layer=session.kv_lengths(),

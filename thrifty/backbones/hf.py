@@ -241,6 +241,38 @@ class HFDecoder:
         )
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def layer_kv(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: Any,
+                 position_embeddings: RotaryTables | None = None) -> None:
+        """Write into `cache` the keys and values decoder layer i would compute for hidden states h [1, q, d] at
+        positions [q] (its input norm and attention module's own projections, norms and rotary), without running
+        its attention or MLP: CALM's state propagation (Schuster et al., 2022) for early-exited tokens. The
+        layer's attention module runs until its cache write, where it is stopped."""
+        layer = self._model.model.layers[i]
+        norm = getattr(layer, "input_layernorm", None)
+        attn = getattr(layer, "self_attn", None)
+        if norm is None or attn is None:
+            raise ModelLoadError(f"{type(layer).__name__} has no input_layernorm/self_attn: cannot compute its "
+                                 "keys and values alone (use early exit's deep_kv='skip')")
+        pe = self.rotary(h, positions) if position_embeddings is None else position_embeddings
+        if self._traits.rotary_by_layer_type:
+            pe = pe[self.config.layer_types[i]]
+
+        class _Written(Exception):
+            pass
+
+        class _StopAtWrite:
+            def update(self, k, v, layer_idx, *args, **kwargs):
+                cache.update(k, v, layer_idx)
+                raise _Written
+
+        kwargs = {self._cache_arg: _StopAtWrite()}
+        try:
+            attn(norm(h), position_embeddings=pe, attention_mask=None,
+                 position_ids=_position_ids(positions, h.device), **kwargs)
+        except _Written:
+            return
+        raise ModelLoadError(f"{type(attn).__name__} did not write its keys and values to the cache")
+
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> the model's final norm of it [..., d] (for heads other than the LM head)."""
         return self._model.model.norm(h)

@@ -171,7 +171,10 @@ SUITES: dict[str, Suite] = {
                    "maximum layer (peak budget), against the full-depth planner, all over exact prefix reuse",
                    (REUSE, *(_reuse_exit(f"reuse+exit r={r:g}", exit_ratio=r) for r in (0.1, EXIT_RATIO, 1.0)),
                     _reuse_exit("reuse+exit max4", exit_ratio=None, max_layer=4),
-                    _reuse_exit("reuse+exit max4 r=0.3", exit_ratio=EXIT_RATIO, max_layer=4)),
+                    _reuse_exit("reuse+exit max4 r=0.3", exit_ratio=EXIT_RATIO, max_layer=4),
+                    *(_reuse_exit(f"reuse+exit r={r:g} propagate", exit_ratio=r, deep_kv="propagate")
+                      for r in (EXIT_RATIO, 1.0, 3.0)),
+                    _reuse_exit("reuse+exit r=3", exit_ratio=3.0)),
                    levels=("GoToLocal", "PickupLoc", "GoToObjMazeS4"), episodes=30, max_steps=64, min_distinct=30,
                    reference="prefix_reuse"),
     "planner": Suite("planner", "the shipped planner's success per level (README and card figures), measured "

@@ -63,6 +63,12 @@ def layer_flops(shape: ModelShape, work: LayerWork) -> int:
     return proj + attn + mlp
 
 
+def kv_projection_flops(shape: ModelShape, tokens: int) -> int:
+    """FLOPs of computing one layer's keys and values alone for `tokens` tokens (early exit's state propagation;
+    the attention module's query projection runs too and is counted)."""
+    return 2 * tokens * shape.d_model * (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim
+
+
 def head_flops(shape: ModelShape, n_logits: int) -> int:
     return 2 * n_logits * shape.d_model * shape.vocab_size
 

@@ -42,6 +42,8 @@ class ExtendResult:
     exited_after: int | None = None
     """`exit_hook` only: the layer after which the pass stopped (the new tokens are in layers 0..exited_after
     only, `logits` is empty and `decode` cannot follow), or None when every layer ran"""
+    propagated: int = 0
+    """(layer, token) pairs whose keys and values were propagated from the exit (`propagate_on_exit`)"""
 
     @property
     def n_logits(self) -> int:
@@ -150,6 +152,7 @@ class Session:
         logits: Literal["last", "all"] = "last",
         layer_hook: LayerHook | None = None,
         exit_hook: ExitHook | None = None,
+        propagate_on_exit: bool = False,
         _rows: int = 1,
     ) -> ExtendResult:
         """Append tokens ids [q] (or [1, q]) at positions next_position..next_position+q-1.
@@ -161,7 +164,9 @@ class Session:
 
         `exit_hook(l, hidden [1, q_l, d])` runs after every layer l but the last (after `layer_hook`); returning
         True stops the pass: deeper layers never see the new tokens (their caches stay without them, as for tokens
-        pruned at l), no logits are computed and `result.exited_after` is l.
+        pruned at l), no logits are computed and `result.exited_after` is l. With `propagate_on_exit`, the deeper
+        layers get keys and values computed from the exit's hidden states instead (CALM's state propagation,
+        `HFDecoder.layer_kv`; `result.propagated` counts the (layer, token) pairs).
         """
         if logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
@@ -178,7 +183,7 @@ class Session:
         impl = getattr(bb.config, "_attn_implementation", None)
         sdpa = impl == "sdpa"
         last_mask = None  # (key_pos, window, mask, pos): layers with the same queries and keys share one mask
-        exited_after = None
+        exited_after, propagated = None, 0
         with torch.no_grad():
             h = bb.embed(ids_t[None])
             pe = bb.rotary(h, pos)
@@ -218,6 +223,11 @@ class Session:
                     pe = bb.rotary(h, pos)
                 if exit_hook is not None and l < bb.n_layers - 1 and pos.numel() and exit_hook(l, h):
                     exited_after = l
+                    if propagate_on_exit:
+                        for m in range(l + 1, bb.n_layers):
+                            bb.layer_kv(m, h, pos, cache, position_embeddings=pe)
+                            positions[m] = torch.cat([positions[m], pos])
+                            propagated += int(pos.numel())
                     break
             if exited_after is not None:
                 out = h.new_empty(0, bb.shape.vocab_size)
@@ -235,7 +245,8 @@ class Session:
             self.spans[span] = (start, start + q)
         reached_end = exited_after is None and pos.numel() > 0 and int(pos[-1]) == start + q - 1
         self._last_logits = out[-1] if reached_end else None
-        return ExtendResult(logits=out, works=works, positions_kept=pos, exited_after=exited_after)
+        return ExtendResult(logits=out, works=works, positions_kept=pos, exited_after=exited_after,
+                            propagated=propagated)
 
     @staticmethod
     def _check_rows(keep, q: int, layer: int) -> torch.Tensor:

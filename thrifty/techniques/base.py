@@ -66,6 +66,11 @@ class Technique:
         the pass stops and the decision's output is `exit_text()` instead of a decode (early exit). None: never."""
         return None
 
+    def propagates_on_exit(self) -> bool:
+        """Whether layers past an early exit get the exited tokens' keys and values from the exit's hidden states
+        (CALM's state propagation) rather than never holding them."""
+        return False
+
     def exit_text(self) -> str:
         """The output of the last decision that exited early (called only after `exit_hook` returned True)."""
         raise NotImplementedError(f"{self.name} has no exit hook")

@@ -232,6 +232,9 @@ class Composed(Technique):
     def exit_hook(self, backbone, ctx: DecisionContext):
         return None if self.exiting is None else self.exiting.exit_hook(backbone, ctx)
 
+    def propagates_on_exit(self) -> bool:
+        return self.exiting is not None and self.exiting.propagates_on_exit()
+
     def exit_text(self) -> str:
         if self.exiting is None:
             return super().exit_text()

@@ -169,6 +169,7 @@ class ExitBudget:
 
 
 # ---------------------------------------------------------------------------------------------- the planner technique
+DEEP_KV = ("skip", "propagate")
 SHIPPED_EXIT_HEAD = Path(__file__).resolve().parent.parent / "assets" / "planner_exits"
 """The shipped planner's exit head (`thrifty train exits`; its card says how it was made)."""
 
@@ -182,11 +183,12 @@ class EarlyExit(Technique):
     that exit's argmax. Otherwise the last layer runs and the model decodes as usual (so an exit that never fires
     is the full model exactly).
 
-    The KV of deeper layers for tokens whose decision exited at layer d: never computed. Those layers' caches stay
-    without them, as for tokens pruned at d (`Session.extend`'s exit hook), so over a kept session (prefix reuse)
-    later decisions attend at the deep layers over the tokens that reached them; the prefix store keeps such
-    caches apart (`composed` names the settings in its namespace). A decision's pass is cut for all its new tokens
-    at once, so a layer cache never holds a later token without the earlier ones of the same decision.
+    The KV of deeper layers for tokens whose decision exited at layer d (`deep_kv`): "skip", never computed (those
+    layers' caches stay without them, as for tokens pruned at d, so over a kept session later decisions attend at
+    the deep layers over the tokens that reached them); or "propagate", each deeper layer's keys and values
+    computed from the exit's hidden states by that layer's own projections (CALM, Schuster et al. 2022: about a
+    tenth of a layer's FLOPs, counted). The prefix store keeps such caches apart (`composed` names the settings in
+    its namespace). A decision's pass is cut for all its new tokens at once.
 
     Budgets (as in DeeR): `exit_ratio` (average compute: a geometric target distribution over the allowed exits,
     thresholds solved on the head's held-out decisions; the realised shares are in `budget`), `thresholds` (given
@@ -207,6 +209,9 @@ class EarlyExit(Technique):
     """the first layer that may exit (>= 2: its score compares it with the layer before)"""
     head: str = ""
     """exit-head directory; '' = the shipped planner's (thrifty/assets/planner_exits)"""
+    deep_kv: str = "skip"
+    """the KV of layers past an exit for the exited decision's tokens: "skip" (never computed) or "propagate"
+    (computed from the exit's hidden states by each deeper layer's own key/value projections, CALM)"""
 
     def __post_init__(self) -> None:
         if self.exit_ratio is not None:
@@ -223,6 +228,8 @@ class EarlyExit(Technique):
                              f"distribution with the layer before), got {self.min_layer!r}")
         if self.max_layer is not None and (not isinstance(self.max_layer, int) or self.max_layer < self.min_layer):
             raise ValueError(f"max_layer must be an integer >= min_layer ({self.min_layer}), got {self.max_layer!r}")
+        if self.deep_kv not in DEEP_KV:
+            raise ValueError(f"deep_kv must be one of {DEEP_KV}, got {self.deep_kv!r}")
         self._bound = None  # (backbone, loaded head, thresholds array, budget dict)
         self._action: str | None = None
         self._report: dict[str, Any] = {}
@@ -297,6 +304,9 @@ class EarlyExit(Technique):
             return False
 
         return hook
+
+    def propagates_on_exit(self) -> bool:
+        return self.deep_kv == "propagate"
 
     def exit_text(self) -> str:
         if self._action is None:
