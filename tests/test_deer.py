@@ -177,12 +177,25 @@ def test_the_suite_policies_build(checkpoint):
 
     suite = with_policy_path(POLICY_SUITES["deer"], checkpoint)
     for c in suite.configs:
-        if c.settings.get("max_layer", 0) > 6:
+        if c.settings.get("max_layer", 0) > 6 or c.policy == "deer-static":
             continue
         p = build_policy(c.as_dict())
         assert p.net.exit_layers[-1] == c.settings.get("max_layer", 6)
     with pytest.raises(ValueError, match="deer-random needs an exit_ratio .* or a mean_layers"):
         build_policy({"policy": "deer-random", "settings": {"path": str(checkpoint)}})
+    static = [c for c in suite.configs if c.policy == "deer-static"]
+    assert [c.settings["layers"] for c in static] == [2, 4, 6] and all("path" not in c.settings for c in static)
+    p = build_policy({"policy": "deer-static", "settings": {"layers": 6, "path": str(checkpoint)}})
+    assert p.net.exit_layers[-1] == 6 and p.mode == "full"
+
+
+def test_a_missing_static_model_names_the_command_that_makes_it(tmp_path):
+    from thrifty.bench.policy_suites import build_policy
+
+    with pytest.raises(ValueError, match="train it with `thrifty train deer .* --layers 4"):
+        build_policy({"policy": "deer-static", "settings": {"layers": 4, "path": str(tmp_path / "none")}})
+    with pytest.raises(ValueError, match="deer-static takes layers"):
+        build_policy({"policy": "deer-static", "settings": {}})
 
 
 def test_training_losses_and_scores_run(tmp_path):

@@ -80,7 +80,34 @@ def _deer_full(settings: dict):
     return _deer(settings, mode="full")
 
 
-POLICIES: dict[str, Callable[[dict], Any]] = {"expert": _expert, "bc-mlp": _bc_mlp, "action-model": _action_model,
+STATIC_DEER_LAYERS = (2, 4, 6)
+"""Depths of the static shallow DeeR models in the `deer` suite (DeeR's RoboFlamingo++ comparison)."""
+
+
+def static_deer_dir(layers: int) -> Path:
+    return Path("runs") / f"deer_static{layers}" / "export"
+
+
+def static_deer_command(layers: int) -> str:
+    return (f"thrifty train deer --data runs/demos_mt10_n03 --run-dir runs/deer_static{layers} --out "
+            f"{static_deer_dir(layers)} --steps 700 --layers {layers} --threads 1")
+
+
+def _deer_static(settings: dict):
+    """A DeeR model trained at fewer layers (`layers`), run at its full depth; `path` (default
+    runs/deer_static<layers>/export, made by `static_deer_command(layers)`)."""
+    unknown = set(settings) - {"layers", "path"}
+    if unknown or "layers" not in settings:
+        raise ValueError(f"deer-static takes layers (required) and path, got {sorted(settings)}")
+    path = Path(settings.get("path") or static_deer_dir(int(settings["layers"])))
+    if not (path / "card.json").is_file():
+        raise ValueError(f"no static {settings['layers']}-layer DeeR model at {path}: train it with "
+                         f"`{static_deer_command(int(settings['layers']))}` (demonstrations: `thrifty collect "
+                         "metaworld --tasks MT10 --episodes 150 --noise 0.3 --out runs/demos_mt10_n03`)")
+    return _deer_full({"path": str(path)})
+
+
+POLICIES: dict[str, Callable[[dict], Any]] = {"deer-static": _deer_static, "expert": _expert, "bc-mlp": _bc_mlp, "action-model": _action_model,
                                               "deer": _deer, "deer-full": _deer_full,
                                               "deer-random": partial(_deer, mode="random")}
 """Policy builders by name: settings dict -> an object with the policy protocol (thrifty.agents.policy)."""
@@ -144,7 +171,8 @@ POLICY_SUITES: dict[str, PolicySuite] = {
                          PolicyConfig("deer-random-r0.1", "deer-random", {"exit_ratio": 0.1}),
                          PolicyConfig("deer-max6", "deer-full", {"max_layer": 6}),
                          PolicyConfig("deer-max2", "deer-full", {"max_layer": 2}),
-                         PolicyConfig("deer-max6-r0.5", "deer", {"exit_ratio": 0.5, "max_layer": 6})),
+                         PolicyConfig("deer-max6-r0.5", "deer", {"exit_ratio": 0.5, "max_layer": 6}),
+                         *(PolicyConfig(f"deer-static{n}", "deer-static", {"layers": n}) for n in STATIC_DEER_LAYERS)),
                         _mt10(), episodes=30, reference="deer-full"),
     # metaworld-demo: what `make demo` adds, a few seconds: one policy row beside the planner's
     "metaworld-demo": PolicySuite("metaworld-demo", "the shipped BC MLP policy and the expert on three MT10 tasks",
@@ -164,7 +192,7 @@ def with_policy_path(suite: PolicySuite, path: str | Path | None) -> PolicySuite
     def moved(c: PolicyConfig) -> PolicyConfig:
         if c.policy == "bc-mlp":
             return PolicyConfig(c.name, c.policy, {**c.settings, "path": str(path)})
-        if c.policy.startswith("deer"):
+        if c.policy.startswith("deer") and c.policy != "deer-static":  # static models live in their own dirs
             return PolicyConfig(c.name, c.policy, {**c.settings, "path": str(path)})
         if c.policy == "action-model":
             model = c.settings.get("model", f"action_model_{c.settings['arch']}")
