@@ -119,7 +119,10 @@ def _reuse_exit(name: str, **exit_settings) -> BenchConfig:
 
 
 EXIT_RATIO = 0.3
-"""The demo's early-exit budget (DeeR's exit ratio: a geometric target over the exits at layers 2..6)."""
+"""An aggressive early-exit budget (DeeR's exit ratio: a geometric target over the exits at layers 2..6)."""
+DEMO_EXIT = {"exit_ratio": 1.0, "deep_kv": "propagate"}
+"""The demo's early exit: a uniform target over layers 2..6 with state propagation, 4.1 layers per decision and
+success within its interval of the full planner's in the `exits` suite (docs/planner_exits.md)."""
 
 PRUNING_KEEP = 0.6
 """The demo's keep setting: E-RECAP's compounding keep ratio at which the shipped planner's prefill does ~61% of the
@@ -152,7 +155,7 @@ SUITES: dict[str, Suite] = {
     "demo": Suite("demo", "the shipped planner on BabyAI-Text: full model, prefix reuse, learned token pruning and "
                   "its count-matched baselines, reuse + token pruning, reuse + early exit",
                   (BenchConfig("full"), REUSE, *(_pruned(t, PRUNING_KEEP) for t in PRUNING_TECHNIQUES),
-                   _reuse_with("token_pruning", PRUNING_KEEP), _reuse_exit("reuse+early_exit", exit_ratio=EXIT_RATIO)),
+                   _reuse_with("token_pruning", PRUNING_KEEP), _reuse_exit("reuse+early_exit", **DEMO_EXIT)),
                   levels=("GoToLocal", "PickupLoc", "GoToObjMazeS4"), episodes=2, max_steps=48, min_distinct=2),
     # demo: 5 of its 7 configs recompute the context at every step, so it is kept to a few minutes on 2 cores by
     # 2 episodes per level, a 48-step cap (the expert needs at most ~50 steps on these levels) and no
