@@ -82,3 +82,25 @@ def tiny_pruner_path(tiny_planner_dir, tmp_path_factory):
                          {"n_layers": backbone.n_layers, "model": str(tiny_planner_dir),
                           "model_fingerprint": model_fingerprint(backbone)})
     return scorer.save(tmp_path_factory.mktemp("tiny_pruner") / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_exit_head_dir(tiny_planner_dir, tmp_path_factory):
+    """An untrained exit head for `tiny_planner_dir` (the logit lens, random held-out scores): plumbing tests of
+    early_exit configurations on the tiny planner; tests/test_early_exit_planner.py trains a real one."""
+    from thrifty.agents.planner_exits import (ExitHeadConfig, PlannerExitHead, action_token_ids, model_fingerprint,
+                                              save_exit_head)
+    from transformers import AutoTokenizer
+
+    from thrifty.backbones import HFDecoder
+    from thrifty.envs.babyai_text import ACTIONS
+
+    backbone = HFDecoder.load(tiny_planner_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_planner_dir)
+    cfg = ExitHeadConfig(d_model=backbone.shape.d_model, n_layers=backbone.n_layers, actions=tuple(ACTIONS),
+                         action_token_ids=action_token_ids(tokenizer, ACTIONS), hidden=16)
+    torch.manual_seed(0)
+    head = PlannerExitHead(cfg)
+    head.init_from(backbone)
+    return save_exit_head(tmp_path_factory.mktemp("tiny_exit_head"), head, torch.rand(backbone.n_layers - 1, 32),
+                          {"model": model_fingerprint(backbone)})

@@ -31,12 +31,13 @@ def test_missing_model_directory(tmp_path):
     assert r.exit_code == 2 and "no model directory" in r.output
 
 
-def test_results_file_from_another_suite_is_refused_and_kept(tmp_path, tiny_planner_dir, tiny_pruner_path):
+def test_results_file_from_another_suite_is_refused_and_kept(tmp_path, tiny_planner_dir, tiny_pruner_path,
+                                                            tiny_exit_head_dir):
     out = tmp_path / "r.jsonl"
     ResultsFile(out, "replan", meta={})
     before = out.read_bytes()
     r = runner.invoke(app, ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir),
-                            "--pruner", str(tiny_pruner_path)])
+                            "--pruner", str(tiny_pruner_path), "--exit-head", str(tiny_exit_head_dir)])
     assert r.exit_code == 2 and "replan" in r.output and "demo" in r.output
     assert out.read_bytes() == before
 
@@ -48,10 +49,20 @@ def test_token_pruning_suite_on_another_model_needs_its_pruner(tmp_path, tiny_pl
     assert not out.exists()  # refused before any episode ran
 
 
-def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_dir, tiny_pruner_path):
+def test_early_exit_suite_on_another_model_needs_its_exit_head(tmp_path, tiny_planner_dir, tiny_pruner_path):
+    out = tmp_path / "demo.jsonl"
+    r = runner.invoke(app, ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir),
+                            "--pruner", str(tiny_pruner_path)])
+    assert r.exit_code == 2 and "exit head" in r.output and "thrifty train exits" in r.output
+    assert "--exit-head" in r.output and not out.exists()
+
+
+def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_dir, tiny_pruner_path,
+                                                       tiny_exit_head_dir):
     out = tmp_path / "demo.jsonl"
     args = ["bench", "demo", "--out", str(out), "--model", str(tiny_planner_dir), "--episodes", "1",
-            "--level", "GoToLocal", "--threads", "1", "--max-steps", "10", "--pruner", str(tiny_pruner_path)]
+            "--level", "GoToLocal", "--threads", "1", "--max-steps", "10", "--pruner", str(tiny_pruner_path),
+            "--exit-head", str(tiny_exit_head_dir)]
     forget_warnings()  # as in a fresh process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

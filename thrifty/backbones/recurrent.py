@@ -38,9 +38,10 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in _tensors(v)]
     layers = getattr(obj, "layers", None)  # a transformers cache: a list of per-layer objects
-    if layers is not None:
+    if layers is not None:  # 0-d tensors there are bookkeeping (transformers >= 5.2x counts tokens seen per layer)
         return [t for layer in layers for t in _tensors({k: v for k, v in vars(layer).items()
-                                                          if isinstance(v, (torch.Tensor, dict, list, tuple))})]
+                                                          if isinstance(v, (torch.Tensor, dict, list, tuple))})
+                if t.dim() > 0]
     return []
 
 

@@ -136,19 +136,30 @@ def _pruned(technique: str, keep_ratio: float, layers: tuple[int, ...] | None = 
     return BenchConfig(f"{technique}@{keep_ratio:g}", technique, settings)
 
 
-def with_pruner(configs: tuple[BenchConfig, ...], pruner: str | None) -> tuple[BenchConfig, ...]:
-    """The configs with `pruner` (a checkpoint path) given to every token_pruning part; unchanged when None."""
-    if not pruner:
+def with_part_setting(configs: tuple[BenchConfig, ...], technique: str, key: str,
+                      value: str | None) -> tuple[BenchConfig, ...]:
+    """The configs with settings[key] = value for every `technique` part (alone or inside `composed`); unchanged
+    when value is None. How --pruner and --exit-head point a suite at checkpoints made for another planner."""
+    if not value:
         return configs
     out = []
     for c in configs:
         settings = json.loads(json.dumps(c.settings))
-        if c.technique == "token_pruning":
-            settings["pruner"] = str(pruner)
-        elif c.technique == "composed" and "token_pruning" in settings.get("techniques", []):
-            settings.setdefault("part_settings", {}).setdefault("token_pruning", {})["pruner"] = str(pruner)
+        if c.technique == technique:
+            settings[key] = str(value)
+        elif c.technique == "composed" and technique in settings.get("techniques", []):
+            settings.setdefault("part_settings", {}).setdefault(technique, {})[key] = str(value)
         out.append(BenchConfig(c.name, c.technique, settings, c.replan))
     return tuple(out)
+
+
+def with_pruner(configs: tuple[BenchConfig, ...], pruner: str | None) -> tuple[BenchConfig, ...]:
+    """The configs with `pruner` (a checkpoint path) given to every token_pruning part; unchanged when None."""
+    return with_part_setting(configs, "token_pruning", "pruner", pruner)
+
+
+def uses_technique(configs: tuple[BenchConfig, ...], technique: str) -> bool:
+    return any(c.technique == technique or technique in c.settings.get("techniques", []) for c in configs)
 
 
 SUITES: dict[str, Suite] = {

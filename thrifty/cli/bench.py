@@ -25,6 +25,9 @@ def bench(
     max_steps: Optional[int] = typer.Option(None, min=1, help="cap on environment steps per episode"),
     pruner: Optional[Path] = typer.Option(None, help="pruner checkpoint for token_pruning configs (default: the "
                                                      "suite's, which fits only the suite's planner)"),
+    exit_head: Optional[Path] = typer.Option(None, help="exit-head directory for early_exit configs (default: the "
+                                                        "shipped one, which fits only the shipped planner; make "
+                                                        "one with `thrifty train exits --model DIR`)"),
     ray: bool = typer.Option(False, "--ray", help="run the episodes as Ray tasks"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local cluster)"),
     by_level: bool = typer.Option(True, help="one table row per configuration and level"),
@@ -52,7 +55,9 @@ def bench(
                                get_suite, pareto_plot, print_table, run_jobs, summarize, write_summary_json)
     from thrifty.bench.paired import paired_rows, print_paired
     from thrifty.bench.report import latency_note
-    from thrifty.bench.suites import SeedsCollapseError, check_configs, check_levels, with_pruner
+    from thrifty.bench.suites import (SeedsCollapseError, check_configs, check_levels, uses_technique,
+                                      with_part_setting)
+    from thrifty.agents.planner_exits import ExitHeadError
     from thrifty.techniques.token_pruning import PrunerMismatchError
     from thrifty.envs import UnknownLevelError
 
@@ -73,9 +78,9 @@ def bench(
         except ValueError as e:
             fail(str(e).replace("w_b", "--w-b").replace("w_q", "--w-q"))
     if suite in POLICY_SUITES:  # Meta-World policies: tasks instead of levels, a policy instead of a planner
-        if level or model or pruner:
-            fail(f"`thrifty bench {suite}` is a policy suite: it takes --task and --policy, not --level, --model "
-                 "or --pruner")
+        if level or model or pruner or exit_head:
+            fail(f"`thrifty bench {suite}` is a policy suite: it takes --task and --policy, not --level, --model, "
+                 "--pruner or --exit-head")
         from thrifty.cli.policy import bench_policy_suite
 
         return bench_policy_suite(suite, out, episodes, task, policy, threads, max_steps, ray, ray_address,
@@ -83,7 +88,7 @@ def bench(
     if policy or task or config:
         fail(f"--policy, --task and --config are for the policy suites ({', '.join(POLICY_SUITES)}), not {suite!r}")
     if suite == "coop":  # K robots over a shared context: its own runner (`thrifty bench-coop` has every option)
-        if level or ray or max_steps or write_card:
+        if level or ray or max_steps or write_card or exit_head:
             fail("`thrifty bench coop` takes --out, --episodes, --model, --pruner and --threads; use "
                  "`thrifty bench-coop --help` for team sizes, keep ratio and configurations")
         from thrifty.cli.coop import bench_coop_cmd
@@ -105,12 +110,15 @@ def bench(
     except ModelLoadError as e:
         hint = " (rebuild it with the command its guide in docs/ gives)" if model is None else ""
         fail(f"{e}{hint}")
-    if pruner is not None or any("token_pruning" in json.dumps(c.as_dict()) for c in spec.configs):
-        spec = dataclasses.replace(spec, configs=with_pruner(spec.configs, str(pruner) if pruner else None))
-        try:
-            check_configs(spec.configs, model_dir)
-        except (PrunerMismatchError, FileNotFoundError, ValueError) as e:
-            fail(f"{e}\n(suite {suite} has token_pruning configurations: pass --pruner PATH for this model)")
+    checkpoints = (("token_pruning", "pruner", pruner, "--pruner"), ("early_exit", "head", exit_head, "--exit-head"))
+    for technique, key, path, _ in checkpoints:
+        spec = dataclasses.replace(spec, configs=with_part_setting(spec.configs, technique, key, path))
+    try:  # a checkpoint made for another planner fails here, before any episode runs
+        check_configs(spec.configs, model_dir)
+    except (PrunerMismatchError, ExitHeadError, FileNotFoundError, ValueError) as e:
+        hints = [f"{flag} PATH" for technique, _, _, flag in checkpoints if uses_technique(spec.configs, technique)]
+        hint = f"\n(suite {suite} has configurations with checkpoints: pass {' and '.join(hints)} for this model)"
+        fail(f"{e}{hint if hints else ''}")
     if write_card and not (model_dir / "card.json").exists():
         fail(f"--write-card: {model_dir / 'card.json'} does not exist (only a model directory with a card can "
              "record its success)")

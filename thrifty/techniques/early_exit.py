@@ -170,6 +170,9 @@ class ExitBudget:
 
 # ---------------------------------------------------------------------------------------------- the planner technique
 DEEP_KV = ("skip", "propagate")
+CRITERIA = ("consistency", "random")
+RANDOM_STREAM = 0x5EED_E817
+"""mixed with each decision's seed for random exits (a stream of its own, apart from other random techniques')"""
 SHIPPED_EXIT_HEAD = Path(__file__).resolve().parent.parent / "assets" / "planner_exits"
 """The shipped planner's exit head (`thrifty train exits`; its card says how it was made)."""
 
@@ -195,6 +198,10 @@ class EarlyExit(Technique):
     directly, one per allowed exit, the last ignored), `max_layer` (peak compute: no layer deeper than it runs; the
     head always exits there when it is below the last layer). No-op: exit_ratio=None, thresholds=None,
     max_layer=None (nothing loaded, nothing exits).
+
+    The random baseline (criterion="random"): each decision's exit layer is drawn from the budget's target
+    distribution (exit_ratio's, or the one of mean depth `mean_layers`), seeded by the decision's seed, and the
+    head's argmax there is the action; only the drawn layer calls the head. The same depth, no criterion.
     """
 
     noop_settings: ClassVar[dict[str, Any]] = {"exit_ratio": None}
@@ -212,6 +219,12 @@ class EarlyExit(Technique):
     deep_kv: str = "skip"
     """the KV of layers past an exit for the exited decision's tokens: "skip" (never computed) or "propagate"
     (computed from the exit's hidden states by each deeper layer's own key/value projections, CALM)"""
+    criterion: str = "consistency"
+    """"consistency" (DeeR's: exit when consecutive exits agree) or "random" (the baseline: each decision's exit
+    drawn from the budget's target distribution, seeded by the decision's seed; the head gives the action there)"""
+    mean_layers: float | None = None
+    """random only: draw from the geometric target whose mean depth is this many layers (matched to a depth the
+    consistency criterion realised in closed loop) instead of the exit ratio's"""
 
     def __post_init__(self) -> None:
         if self.exit_ratio is not None:
@@ -230,6 +243,18 @@ class EarlyExit(Technique):
             raise ValueError(f"max_layer must be an integer >= min_layer ({self.min_layer}), got {self.max_layer!r}")
         if self.deep_kv not in DEEP_KV:
             raise ValueError(f"deep_kv must be one of {DEEP_KV}, got {self.deep_kv!r}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.criterion == "random" and self.thresholds is not None:
+            raise ValueError("random exits draw their exit from a target distribution: give exit_ratio or "
+                             "mean_layers, not thresholds")
+        if self.mean_layers is not None:
+            if self.criterion != "random":
+                raise ValueError("mean_layers sets the random baseline's target; the consistency criterion's "
+                                 "average budget is exit_ratio")
+            if self.exit_ratio is not None:
+                raise ValueError("give random exits either exit_ratio or mean_layers (with exit_ratio=None), not "
+                                 "both")
         self._bound = None  # (backbone, loaded head, thresholds array, budget dict)
         self._action: str | None = None
         self._report: dict[str, Any] = {}
@@ -237,7 +262,8 @@ class EarlyExit(Technique):
 
     @property
     def is_noop(self) -> bool:
-        return self.exit_ratio is None and self.thresholds is None and self.max_layer is None
+        return (self.exit_ratio is None and self.thresholds is None and self.max_layer is None
+                and self.mean_layers is None)
 
     def bind(self, backbone) -> None:
         """Load the head for `backbone` and solve the thresholds (once per backbone); errors say what to change."""
@@ -255,7 +281,14 @@ class EarlyExit(Technique):
                              f"{n_layers}-layer model")
         loaded = load_exit_head(self.head or SHIPPED_EXIT_HEAD, backbone)
         depths = list(range(self.min_layer, last + 1))
-        if self.thresholds is not None:
+        if self.criterion == "random":
+            ratio = self.exit_ratio
+            if self.mean_layers is not None:
+                ratio = ratio_for_mean_layers(self.mean_layers, depths)  # fails outside (depths[0], depths[-1])
+            probs = target_distribution(ratio, len(depths)) if ratio is not None else [0.0] * (len(depths) - 1) + [1.0]
+            thresholds = np.asarray(probs)  # for random exits: the draw's distribution
+            budget = {"exit_layers": depths, "target": probs, "target_mean_layers": float(np.dot(probs, depths))}
+        elif self.thresholds is not None:
             if len(self.thresholds) != len(depths):
                 raise ValueError(f"{len(self.thresholds)} thresholds given, but the allowed exits are layers "
                                  f"{depths} ({len(depths)} thresholds, the last ignored)")
@@ -284,6 +317,19 @@ class EarlyExit(Technique):
         depths = budget["exit_layers"]
         last = depths[-1]
         state: dict[str, Any] = {"prev": None, "scores": []}
+        if self.criterion == "random":
+            drawn = depths[int(np.random.default_rng([RANDOM_STREAM, ctx.seed]).choice(len(depths), p=thresholds))]
+
+            def random_hook(layer: int, h: torch.Tensor) -> bool:
+                if layer + 1 != drawn:  # the session never calls the hook after the last layer: full decodes
+                    return False
+                probs = torch.softmax(head(h[0, -1]), -1)
+                self._flops += head.flops()
+                self._action = actions[int(probs.argmax())]
+                self._report = {"exit_layer": drawn, "action": self._action}
+                return True
+
+            return random_hook
 
         def hook(layer: int, h: torch.Tensor) -> bool:
             depth = layer + 1
