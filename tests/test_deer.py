@@ -82,6 +82,40 @@ def test_peek_never_changes_the_head_state(checkpoint):
     assert all(torch.equal(a, b) for a, b in zip(committed, policy.state))
 
 
+@pytest.mark.parametrize("quantile", [0.3, 0.6])
+def test_exits_taken_follow_the_rule_on_every_exits_score(checkpoint, quantile):
+    """Differential: the acting path's exit (its batched first check and early stop) equals the exit rule applied
+    to every exit's score computed the slow way (all exits' features, one peek each from the committed state)."""
+    from thrifty.techniques.early_exit import consistency_score
+
+    net, _ = load_deer(checkpoint)
+    ids = net.word_ids(INSTRUCTIONS["pick-place-v3"])[None]
+    rng = np.random.default_rng(7)
+    states = rng.normal(size=(30, 39)).astype(np.float32)
+
+    def every_score(s, committed):
+        with torch.no_grad():
+            feats = net.exit_features(ids, torch.from_numpy(s)[None])  # (1 + E, 1, d)
+            arms = torch.stack([net.head.peek(f, committed, gripper=False).arm[0] for f in feats])
+        return consistency_score(arms[1:], arms[:-1]).numpy(), arms  # (E,), (1 + E, A)
+
+    # thresholds at a quantile of this untrained model's own scores, so that every exit gets taken
+    thresholds = np.quantile(np.stack([every_score(s, None)[0] for s in states]), quantile, axis=0)
+    thresholds[-1] = np.inf
+    policy = DeerPolicy(net, mode="consistency", thresholds=thresholds.tolist())
+    policy.reset("pick-place-v3", INSTRUCTIONS["pick-place-v3"])
+    taken = []
+    for s in states:
+        scores, arms = every_score(s, policy.state)
+        want = net.exit_layers[int(exit_indices(scores[:, None], thresholds)[0])]
+        step = policy.act({"state": s})
+        assert step.cost.exit_layer == want
+        k = net.exit_layers.index(want)
+        np.testing.assert_allclose(step.action[:-1], arms[k + 1].numpy(), rtol=1e-5, atol=1e-6)
+        taken.append(want)
+    assert len(set(taken)) > 1  # the rule was exercised past the first exit
+
+
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0, 2.0])
 def test_solved_thresholds_give_the_target_distribution(ratio):
     rng = np.random.default_rng(1)

@@ -164,6 +164,35 @@ def test_composes_with_prefix_reuse_and_pruning(planner, head_dir):
     assert res["per_decision"]["exit_layer"] == [2] * res["decisions"]
 
 
+def test_random_exits_replay_alike_and_follow_their_target(planner, head_dir):
+    """The random baseline: the same decision seed draws the same exit; over many seeds the drawn depths follow the
+    target whose mean depth was asked; the exit layer's head argmax is the action (one head call)."""
+    t = build("early_exit", exit_ratio=None, criterion="random", mean_layers=2.5, head=str(head_dir))
+    t.bind(planner.backbone)
+    assert t.budget["target_mean_layers"] == pytest.approx(2.5)  # the 3-layer planner: exits at 2 or 3 (full)
+    res = [run_episode(_with(planner, t), "GoToLocal", SEED, EpisodeConfig(max_steps=8)) for _ in range(2)]
+    assert res[0]["per_decision"]["exit_layer"] == res[1]["per_decision"]["exit_layer"]
+    assert res[0]["actions"] == res[1]["actions"]
+    depths = []
+    for seed in range(400):
+        ctx = DecisionContext(torch.tensor([1, 2, 3]), {}, seed=seed)
+        hook = t.exit_hook(planner.backbone, ctx)
+        h = torch.randn(1, 1, planner.backbone.shape.d_model)
+        depths.append(2 if hook(1, h) else 3)  # the session calls the hook after layer index 1 (depth 2) only
+        assert hook(0, h) is False  # before the drawn layer nothing exits and the head is not called
+    assert np.mean(depths) == pytest.approx(2.5, abs=0.08)  # 400 draws: standard error 0.025
+    assert t.report()["head_flops"] in (0, load_exit_head(head_dir).head.flops())
+    with pytest.raises(ValueError, match="not thresholds"):
+        build("early_exit", exit_ratio=None, criterion="random", thresholds=[0.1, 0.2])
+    with pytest.raises(ValueError, match="mean_layers sets the random baseline"):
+        build("early_exit", exit_ratio=None, mean_layers=3.0)
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        build("early_exit", criterion="oracle")
+    with pytest.raises(ValueError, match="strictly between"):
+        build("early_exit", exit_ratio=None, criterion="random", mean_layers=3.0, head=str(head_dir)).bind(
+            planner.backbone)
+
+
 def test_copies_share_the_loaded_head(planner, head_dir):
     import copy
 

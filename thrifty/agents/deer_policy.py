@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from thrifty.cost import CostRecord, LayerWork, Stopwatch, layer_flops
@@ -125,22 +126,33 @@ class ExitHead(nn.Module):
     def forward(self, feats: torch.Tensor, state=None) -> HeadOutput:
         """A window (training): feats (B, T, d) -> arm (B, T, A), gripper logit (B, T), the state after step T."""
         y, (h, c) = self.lstm(feats, None if state is None else (state[0][None], state[1][None]))  # y (B, T, H)
-        return HeadOutput(torch.tanh(self.arm(y)), self.gripper(y).squeeze(-1), (h[0], c[0]), y[:, -1])
+        return HeadOutput(self.arm_of(y), self.gripper_of(y), (h[0], c[0]), y[:, -1])
 
     def peek(self, feat: torch.Tensor, state=None, gripper: bool = True) -> HeadOutput:
         """One step from `state` on feat (B, d): the action and the next state, one LSTM cell step with the LSTM's
         own weights; `state` itself is never modified (the caller commits by keeping `.state`). gripper=False
-        leaves the gripper logit out (the consistency check reads the arm only)."""
+        leaves the gripper logit out (the consistency check reads the arm only). A state of batch 1 serves a
+        feat of any batch (every row steps from it)."""
         lstm = self.lstm
         if state is None:
             zeros = feat.new_zeros(feat.shape[0], lstm.hidden_size)
             state = (zeros, zeros)
+        elif state[0].shape[0] != feat.shape[0]:
+            state = (state[0].expand(feat.shape[0], -1), state[1].expand(feat.shape[0], -1))
         h, c = torch.lstm_cell(feat, state, lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
-        return HeadOutput(torch.tanh(self.arm(h)), self.gripper_of(h) if gripper else None, (h, c), h)
+        return HeadOutput(self.arm_of(h), self.gripper_of(h) if gripper else None, (h, c), h)
+
+    # The MLPs through functional calls on the modules' own weights: the same arithmetic as calling the
+    # Sequentials, without their per-module call overhead, which dominates a batch-1 control step.
+    def arm_of(self, y: torch.Tensor) -> torch.Tensor:
+        """The arm action (..., A) in [-1, 1] from an LSTM output y (..., H)."""
+        a, b = self.arm[0], self.arm[2]
+        return torch.tanh(F.linear(torch.relu(F.linear(y, a.weight, a.bias)), b.weight, b.bias))
 
     def gripper_of(self, y: torch.Tensor) -> torch.Tensor:
-        """The gripper logit (B,) from an LSTM output y (B, H)."""
-        return self.gripper(y).squeeze(-1)
+        """The gripper logit (...,) from an LSTM output y (..., H)."""
+        a, b = self.gripper[0], self.gripper[2]
+        return F.linear(torch.relu(F.linear(y, a.weight, a.bias)), b.weight, b.bias).squeeze(-1)
 
     def flops_per_step(self, gripper: bool = True) -> int:
         """Analytic FLOPs of one peek for one sample: the LSTM cell's two matmuls (4 gates) and the MLPs' linears
@@ -222,8 +234,10 @@ class DeerNet(nn.Module):
         return h
 
     def pool(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """h (B, q, d) -> f (B, d): the final norm, then the max over the step's real tokens."""
-        x = self.decoder.final_norm(h)
+        """h (B, q, d) -> f (B, d): the final norm (the Llama's RMS norm weights, one fused call), then the max over
+        the step's real tokens."""
+        norm = self.llm.model.norm
+        x = F.rms_norm(h, (h.shape[-1],), norm.weight, norm.variance_epsilon)
         if valid.all():  # acting: padding is never fed
             return x.amax(1)
         return x.masked_fill(~valid[..., None], torch.finfo(x.dtype).min).amax(1)
@@ -454,11 +468,12 @@ class DeerPolicy:
             raise RuntimeError("DeerPolicy.act before reset(task, instruction)")
         with Stopwatch() as sw:
             state = torch.as_tensor(np.asarray(observation["state"], np.float32)).view(1, -1)
-            out, layers, peeks = self._forward(state)
+            out, arm, layers, peeks = self._forward(state)
             self.state = out.state  # commit: only the taken exit's state is kept
             logit = out.gripper_logit if out.gripper_logit is not None else self.net.head.gripper_of(out.y)
-            grip = 1.0 if float(logit[0]) > 0 else -1.0
-            action = np.append(out.arm[0].numpy(), np.float32(grip)).astype(np.float32)
+            action = np.empty(len(arm) + 1, np.float32)
+            action[:-1] = arm
+            action[-1] = 1.0 if logit.item() > 0 else -1.0
         backbone = layers * self._layer_flops
         head = peeks * self._head_arm_flops + self._gripper_flops + self.net.encoder_flops()
         e = self._episode
@@ -470,8 +485,8 @@ class DeerPolicy:
                                              tokens_in=self._tokens, tokens_context=self._tokens,
                                              tokens_per_layer=[self._tokens] * layers))
 
-    def _forward(self, state: torch.Tensor) -> tuple[HeadOutput, int, int]:
-        """One step: (the taken exit's head output, decoder layers run, head peeks run)."""
+    def _forward(self, state: torch.Tensor) -> tuple[HeadOutput, np.ndarray, int, int]:
+        """One step: (the taken exit's head output, its arm action (A,), decoder layers run, head peeks run)."""
         net, exits = self.net, self.net.exit_layers
         if self._pe is None:  # fixed for the episode: word embeddings, positions, rotary tables, the mask
             h, valid = net.embed(self._ids[None], state)
@@ -485,18 +500,27 @@ class DeerPolicy:
         if self.mode == "random" and self._rng is None:
             first = np.frombuffer(state.numpy().tobytes(), np.uint32)
             self._rng = np.random.default_rng([self.seed, *first.tolist()])
-        if self.mode != "consistency":
-            stop = exits[-1] if self.mode == "full" else exits[int(self._rng.choice(len(exits), p=self.probs))]
+        if self.mode != "consistency" or len(exits) == 1:  # one allowed exit: it always fires, nothing to compare
+            stop = exits[-1] if self.mode != "random" else exits[int(self._rng.choice(len(exits), p=self.probs))]
             h = net.run_layers(h, 0, stop, mask, self._pe, pos)
-            return net.head.peek(net.pool(h, valid), self.state), stop, 1
-        prev = net.head.peek(net.pool(h, valid), self.state, gripper=False)  # layer 0: the first exit's reference
-        done, peeks = 0, 1
-        for k, e in enumerate(exits):
+            out = net.head.peek(net.pool(h, valid), self.state)
+            return out, out.arm[0].numpy(), stop, 1
+        # the first exit and its reference (the head on layer 0) in one batch of 2 from the same committed state
+        h0, h = h, net.run_layers(h, 0, exits[0], mask, self._pe, pos)
+        pair = net.head.peek(net.pool(torch.cat([h0, h]), valid), self.state, gripper=False)
+        arms = pair.arm.numpy()  # (2, A): layer 0, first exit
+        prev, arm = arms[0], arms[1]
+        if consistency_score(arm, prev) <= self.thresholds[0]:
+            return HeadOutput(pair.arm[1:], None, (pair.state[0][1:], pair.state[1][1:]), pair.y[1:]), arm, exits[0], 2
+        done, peeks, prev = exits[0], 2, arm
+        for k in range(1, len(exits)):
+            e = exits[k]
             h = net.run_layers(h, done, e, mask, self._pe, pos)
             done = e
             out = net.head.peek(net.pool(h, valid), self.state, gripper=False)
+            arm = out.arm[0].numpy()
             peeks += 1
-            if k == len(exits) - 1 or float(consistency_score(out.arm, prev.arm)[0]) <= self.thresholds[k]:
-                return out, e, peeks
-            prev = out
+            if k == len(exits) - 1 or consistency_score(arm, prev) <= self.thresholds[k]:
+                return out, arm, e, peeks
+            prev = arm
         raise AssertionError("unreachable: the last allowed exit always fires")

@@ -124,6 +124,10 @@ DEMO_EXIT = {"exit_ratio": 1.0, "deep_kv": "propagate"}
 """The demo's early exit: a uniform target over layers 2..6 with state propagation, 4.1 layers per decision and
 success within its interval of the full planner's in the `exits` suite (docs/planner_exits.md)."""
 
+RANDOM_EXIT_DEPTHS = (2.52, 4.07, 5.47)
+"""Mean layers per decision that r=0.3, r=1 and r=3 with propagation realised in the `exits` suite (docs/planner_exits.md):
+the random-exit baseline is drawn at the same depths."""
+
 PRUNING_KEEP = 0.6
 """The demo's keep setting: E-RECAP's compounding keep ratio at which the shipped planner's prefill does ~61% of the
 full model's FLOPs (held-out contexts, `thrifty pruning-quality`), i.e. saves more than 30%."""
@@ -188,7 +192,10 @@ SUITES: dict[str, Suite] = {
                     _reuse_exit("reuse+exit max4 r=0.3", exit_ratio=EXIT_RATIO, max_layer=4),
                     *(_reuse_exit(f"reuse+exit r={r:g} propagate", exit_ratio=r, deep_kv="propagate")
                       for r in (EXIT_RATIO, 1.0, 3.0)),
-                    _reuse_exit("reuse+exit r=3", exit_ratio=3.0)),
+                    _reuse_exit("reuse+exit r=3", exit_ratio=3.0),
+                    # the random baseline at the depths the consistency criterion realised in closed loop
+                    *(_reuse_exit(f"reuse+random exit {m:g} layers propagate", exit_ratio=None, mean_layers=m,
+                                  criterion="random", deep_kv="propagate") for m in RANDOM_EXIT_DEPTHS)),
                    levels=("GoToLocal", "PickupLoc", "GoToObjMazeS4"), episodes=30, max_steps=64, min_distinct=30,
                    reference="prefix_reuse"),
     "planner": Suite("planner", "the shipped planner's success per level (README and card figures), measured "

@@ -36,7 +36,8 @@ def bench(
     policy: Optional[Path] = typer.Option(None, help="policy suites: BC policy directory, or for lram a directory "
                                                      "holding action_model_ARCH (default: the shipped ones)"),
     task: Optional[list[str]] = typer.Option(None, help="policy suites: restrict to these tasks or task sets"),
-    config: Optional[list[str]] = typer.Option(None, help="policy suites: run only these configurations (repeatable)"),
+    config: Optional[list[str]] = typer.Option(None, help="run only these configurations (repeatable; a planner suite keeps "
+                                                             "its reference, which the others are paired with)"),
     schedule: Optional[str] = typer.Option(None, help="with --ray: stateful workers keeping their caches, jobs "
                                                       "ordered by `bandwidth` (EchoRL's priority against each "
                                                       "worker's cache), `fifo` or `random` (docs/scheduling.md)"),
@@ -85,10 +86,10 @@ def bench(
 
         return bench_policy_suite(suite, out, episodes, task, policy, threads, max_steps, ray, ray_address,
                                   write_card, configs=config)
-    if policy or task or config:
-        fail(f"--policy, --task and --config are for the policy suites ({', '.join(POLICY_SUITES)}), not {suite!r}")
+    if policy or task:
+        fail(f"--policy and --task are for the policy suites ({', '.join(POLICY_SUITES)}), not {suite!r}")
     if suite == "coop":  # K robots over a shared context: its own runner (`thrifty bench-coop` has every option)
-        if level or ray or max_steps or write_card or exit_head:
+        if level or ray or max_steps or write_card or exit_head or config:
             fail("`thrifty bench coop` takes --out, --episodes, --model, --pruner and --threads; use "
                  "`thrifty bench-coop --help` for team sizes, keep ratio and configurations")
         from thrifty.cli.coop import bench_coop_cmd
@@ -103,6 +104,13 @@ def bench(
             spec.check_distinct(levels)
     except (UnknownSuiteError, UnknownLevelError, SeedsCollapseError) as e:
         fail(str(e))
+    if config:
+        names = [c.name for c in spec.configs]
+        unknown = [c for c in config if c not in names]
+        if unknown:
+            fail(f"suite {suite} has no configuration {unknown}; it has {', '.join(names)}")
+        keep = set(config) | {spec.reference}
+        spec = dataclasses.replace(spec, configs=tuple(c for c in spec.configs if c.name in keep))
     model_dir = Path(model) if model else (spec.model or SHIPPED_PLANNER)
     try:
         from thrifty.backbones import HFDecoder

@@ -46,8 +46,12 @@ import torch
 from thrifty.techniques.base import DecisionContext, Technique, register
 
 
-def consistency_score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """RMS of the difference of two arm actions: a, b (..., A) -> (...)."""
+def consistency_score(a, b):
+    """RMS of the difference of two arm actions: a, b (..., A) -> (...), tensors or (acting, one step: a few
+    numpy operations cost less than torch's per-call overhead) numpy arrays, in their own dtype."""
+    if isinstance(a, np.ndarray):
+        d = a - b
+        return np.sqrt(np.mean(d * d, axis=-1))
     return (a - b).pow(2).mean(-1).sqrt()
 
 
