@@ -155,3 +155,45 @@ def train_exits_cmd(
     except (ModelLoadError, OSError, ValueError) as e:
         fail(str(e))
     console.print(f"exit head written to {path}; use it with technique early_exit (settings head={path})")
+
+
+@train_app.command("planner-rl")
+def train_planner_rl_cmd(
+    model: Path = typer.Option(None, help="behaviour-cloned planner to start from (default: the shipped planner)"),
+    out: Path = typer.Option(Path("runs/planner_rl/export"), help="planner directory to write"),
+    run_dir: Path = typer.Option(Path("runs/planner_rl"), help="resumable checkpoint, metrics.jsonl, curves"),
+    levels: Optional[str] = typer.Option(None, help="levels to learn on, comma-separated (default: GoToLocal)"),
+    iterations: Optional[int] = typer.Option(None, min=1, help="PPO iterations (default: the recipe's)"),
+    episodes: Optional[int] = typer.Option(None, min=1, help="rollout episodes per iteration"),
+    lr: Optional[float] = typer.Option(None, help="planner learning rate (default: the recipe's)"),
+    kl_coef: Optional[float] = typer.Option(None, help="weight of the KL guard against the BC planner"),
+    val_episodes: Optional[int] = typer.Option(None, min=1, help="validation episodes per level"),
+    seed: int = typer.Option(0, help="seed of the sampling and the minibatches"),
+    threads: int = typer.Option(2, min=1, help="torch threads"),
+) -> None:
+    """PPO on the planner from its own closed-loop experience (EchoRL's learner): rollouts through exact prefix
+    reuse, one teacher-forced pass per episode, GAE, clipped surrogate, value head, entropy bonus, KL guard
+    against the BC planner; resumes from RUN_DIR (a run with another recipe is refused)."""
+    import dataclasses
+    import json
+
+    from thrifty.bench import SHIPPED_PLANNER
+    from thrifty.envs.babyai_text import UnknownLevelError, level_id
+    from thrifty.train.planner_rl import PlannerRLError, PPORecipe, plot_metrics, train_planner_rl
+
+    changes = {k: v for k, v in {"iterations": iterations, "episodes_per_iteration": episodes, "lr": lr,
+                                 "kl_coef": kl_coef, "val_episodes": val_episodes}.items() if v is not None}
+    try:
+        if levels:
+            changes["levels"] = tuple(lv.strip() for lv in levels.split(",") if lv.strip())
+            for lv in changes["levels"]:
+                level_id(lv)
+        recipe = dataclasses.replace(PPORecipe(threads=threads, seed=seed), **changes)
+        path = train_planner_rl(model or SHIPPED_PLANNER, out, run_dir, recipe,
+                                command="thrifty " + " ".join(sys.argv[1:]))
+    except (UnknownLevelError, PlannerRLError, OSError) as e:
+        fail(str(e))
+    card = json.loads((path / "card.json").read_text())
+    plot = plot_metrics(card["metrics"], Path(run_dir) / "curves.png")
+    console.print(f"planner written to {path} (curves: {plot}); measure it with "
+                  f"`thrifty bench planner --model {path}`")

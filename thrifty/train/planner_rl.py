@@ -1,0 +1,470 @@
+"""PPO on the LM planner (EchoRL's learner, issue 19, part 1): the behaviour-cloned planner learns from its own
+closed-loop experience.
+
+EchoRL (../shared/seeds/001) promises PPO over rollouts that reuse KV prefixes; its code never ran it (its ratio
+is always 1: ../shared/research/seed-erecap-echorl.md, B). Here, in thrifty's own code:
+
+- **The policy** is the planner's distribution over the level's action words at the decision prompt:
+  pi(a | context) = softmax(logits[action tokens] / T), each action word being one token (" left", ...), the token
+  greedy decoding emits first. Acting and learning use the same distribution.
+- **Rollouts** run in closed loop through exact prefix reuse: one kept `Session` per episode, each decision extends
+  it by the tokens appended since the last one (the action taken, the new observation, the prompt), so a decision
+  costs its new tokens only. The behaviour log-probability of every sampled action is stored at acting time.
+- **The update** is one teacher-forced pass per episode: the context is append-only, so a single forward over the
+  episode's tokens gives the policy's logits and the value at every decision position (the logits at the prompt's
+  last token predict the action token). The value head reads that token's final hidden state (detached: the value
+  loss does not move the trunk the policy and the shipped techniques rely on).
+- **Losses** (per decision, averaged over a minibatch of episodes): the clipped surrogate on the ratio
+  exp(logp_new - logp_behaviour) with GAE advantages (normalised over the iteration), the value loss on the GAE
+  returns, an entropy bonus, and a KL guard KL(pi || pi_BC) against the frozen behaviour-cloned planner.
+- **Reward**: the level's own (1 - 0.9 steps / max_steps on success, else 0) at the last decision. No shaping: the
+  BC start already succeeds often enough for the sparse reward to carry signal, and a shaped reward would change
+  which behaviour is optimal.
+
+Resumable (`run_dir/ckpt.pt`, atomic; a run with another recipe is refused), metrics with fixed names one JSON line
+per iteration (`run_dir/metrics.jsonl`), plotted against environment steps and wall time (`plot_metrics`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thrifty.envs.babyai_text import ACTIONS
+from thrifty.envs.seeds import train_seed
+
+METRICS = ("iteration", "episodes", "env_steps", "decisions", "wall_s", "success", "return_mean", "policy_loss",
+           "value_loss", "entropy", "kl_bc", "approx_kl", "clip_fraction", "val_success")
+"""The fixed metric names of metrics.jsonl (val_success is null on iterations without a validation)."""
+
+
+class PlannerRLError(ValueError):
+    """A planner-RL run that cannot start as asked (bad recipe, model directory, or resume)."""
+
+
+@dataclass(frozen=True)
+class PPORecipe:
+    levels: tuple[str, ...] = ("GoToLocal",)
+    iterations: int = 30
+    episodes_per_iteration: int = 16
+    minibatch_episodes: int = 4
+    epochs: int = 2
+    lr: float = 1e-5
+    value_lr: float = 1e-3
+    clip: float = 0.2
+    gamma: float = 0.99
+    lam: float = 0.95
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+    kl_coef: float = 0.05
+    temperature: float = 1.0
+    max_steps: int = 64
+    grad_clip: float = 1.0
+    val_every: int = 5
+    val_episodes: int = 30
+    seed: int = 0
+    seed_base: int = 3_000_000
+    """rollout episode i uses train_seed(seed_base + i); validation uses train_seed(seed_base // 3 * 4 + i), both
+    disjoint from the BC transcripts (seeds below 10^6) and from evaluation seeds (10^9 + i) by construction"""
+    threads: int = 2
+    value_hidden: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.levels:
+            raise PlannerRLError("the recipe needs at least one level")
+        for name in ("iterations", "episodes_per_iteration", "minibatch_episodes", "epochs", "max_steps",
+                     "val_every", "threads", "value_hidden"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise PlannerRLError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not 0 < self.clip < 1:
+            raise PlannerRLError(f"clip must be in (0, 1), got {self.clip}")
+        if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise PlannerRLError(f"need 0 < gamma <= 1 and 0 <= lam <= 1, got {self.gamma}, {self.lam}")
+        if self.temperature <= 0 or self.lr <= 0 or self.value_lr <= 0:
+            raise PlannerRLError("temperature, lr and value_lr must be > 0")
+        if min(self.value_coef, self.entropy_coef, self.kl_coef) < 0:
+            raise PlannerRLError("the loss weights must be >= 0")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def rollout_seed(self, i: int) -> int:
+        return train_seed(self.seed_base + i)
+
+    def val_seed(self, i: int) -> int:
+        return train_seed(self.seed_base // 3 * 4 + i)
+
+
+# ---------------------------------------------------------------------------------------------- the policy
+class ValueHead(nn.Module):
+    """h [..., d] (the decision token's final hidden state) -> V [...]."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h).squeeze(-1)
+
+
+def action_token_ids(tokenizer) -> torch.Tensor:
+    """[A] the token of each action word in ACTIONS order, as the planner emits it (" word", one token)."""
+    ids = []
+    for a in ACTIONS:
+        enc = tokenizer.encode(f" {a}", add_special_tokens=False)
+        if len(enc) != 1 or tokenizer.encode(f" {a}\n", add_special_tokens=False)[0] != enc[0]:
+            raise PlannerRLError(f"the action {a!r} is not one token for this tokenizer ({enc}); the RL policy is a "
+                                 "distribution over one token per action word")
+        ids.append(enc[0])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def load_planner_for_rl(model_dir: str | Path):
+    """(HF causal LM, tokenizer) from a local planner directory, with clear errors for what is missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(model_dir)
+    if not (p / "config.json").is_file():
+        raise PlannerRLError(f"no planner at {p} (no config.json): pass a directory written by `thrifty train "
+                             "planner` or another local causal LM")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise PlannerRLError(f"{p} has no tokenizer (tokenizer.json / tokenizer_config.json): the planner reads "
+                             "text, so its directory must hold the tokenizer it was trained with")
+    tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
+    return model, tokenizer
+
+
+@dataclass
+class Episode:
+    """One rollout: the episode's whole token context and, per decision, where it was made and what was taken."""
+
+    level: str
+    seed: int
+    ids: list[int]
+    positions: list[int]
+    """index of each decision's prompt token (its logits predict the action token)"""
+    actions: list[int]
+    logp: list[float]
+    """behaviour log-probability of each action taken, stored at acting time"""
+    reward: float
+    steps: int
+    old_values: torch.Tensor | None = None
+    bc_logp: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.reward > 0
+
+
+def action_log_probs(logits: torch.Tensor, action_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [..., vocab] -> log pi over the action words [..., A]."""
+    return torch.log_softmax(logits[..., action_ids] / temperature, -1)
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, gen: torch.Generator,
+            max_steps: int, temperature: float = 1.0, greedy: bool = False) -> Episode:
+    """Play one episode, sampling each action from pi (argmax with `greedy`), through one kept session (exact
+    prefix reuse: each decision runs only the tokens appended since the previous one)."""
+    from thrifty.agents.planner import PlannerContext
+    from thrifty.backbones import HFDecoder
+    from thrifty.envs.babyai_text import BabyAITextEnv
+    from thrifty.runtime import Session
+
+    env = BabyAITextEnv(level, max_steps=max_steps)
+    obs, info = env.reset(seed=seed)
+    ctx = PlannerContext(tokenizer)
+    ctx.start(info["mission"])
+    session, fed = Session(HFDecoder.from_model(model)), 0
+    positions, actions, logps = [], [], []
+    reward, done, steps = 0.0, False, 0
+    while not done:
+        ctx.add_observation(obs)
+        res = session.extend(ctx.ids[fed:], logits="last")
+        fed = len(ctx.ids)
+        logp = action_log_probs(res.logits[-1], action_ids, temperature)
+        a = int(logp.argmax()) if greedy else int(torch.multinomial(logp.exp(), 1, generator=gen))
+        positions.append(fed - 1)
+        actions.append(a)
+        logps.append(float(logp[a]))
+        ctx.add_action(ACTIONS[a])
+        obs, reward, terminated, truncated, _ = env.step(a)
+        steps += 1
+        done = terminated or truncated
+    env.close()
+    return Episode(level, seed, list(ctx.ids), positions, actions, logps, float(reward), steps)
+
+
+def score_episode(model, value_head: ValueHead, ep: Episode, action_ids: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher-forced pass over the episode: (log pi [N, A], V [N]) at its N decisions (grad as the caller
+    set it). The value head reads the final hidden state, detached."""
+    ids = torch.tensor(ep.ids, dtype=torch.long)[None]
+    out = model(input_ids=ids, output_hidden_states=True)
+    pos = torch.tensor(ep.positions, dtype=torch.long)
+    logp = action_log_probs(out.logits[0, pos], action_ids, temperature)
+    values = value_head(out.hidden_states[-1][0, pos].detach())
+    return logp, values
+
+
+# ---------------------------------------------------------------------------------------------- PPO's pieces
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over one episode that ends after its last decision (no bootstrap):
+    rewards, values [N] -> advantages, returns [N]; delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma
+    lam A_{t+1}, returns = A + V."""
+    n = rewards.shape[0]
+    adv = torch.zeros(n, dtype=torch.float32)
+    running = 0.0
+    for t in range(n - 1, -1, -1):
+        next_v = float(values[t + 1]) if t + 1 < n else 0.0
+        delta = float(rewards[t]) + gamma * next_v - float(values[t])
+        running = delta + gamma * lam * running
+        adv[t] = running
+    return adv, adv + values.detach().float()
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    policy: float
+    value: float
+    entropy: float
+    kl_bc: float
+    approx_kl: float
+    clip_fraction: float
+    ratio_mean: float
+
+
+def ppo_loss(logp: torch.Tensor, values: torch.Tensor, actions: torch.Tensor, old_logp: torch.Tensor,
+             advantages: torch.Tensor, returns: torch.Tensor, bc_logp: torch.Tensor, recipe: PPORecipe) -> LossTerms:
+    """The PPO objective over N decisions: logp, bc_logp [N, A]; values, old_logp, advantages, returns [N];
+    actions [N] long. loss = -mean(min(r A, clip(r, 1-c, 1+c) A)) + c_v mean((V - R)^2) - c_e H + c_kl KL(pi||BC),
+    r = exp(logp[a] - old_logp)."""
+    taken = logp.gather(-1, actions[:, None]).squeeze(-1)
+    ratio = torch.exp(taken - old_logp)
+    clipped = ratio.clamp(1 - recipe.clip, 1 + recipe.clip)
+    policy = -torch.minimum(ratio * advantages, clipped * advantages).mean()
+    value = (values - returns).pow(2).mean()
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1).mean()
+    kl_bc = (p * (logp - bc_logp)).sum(-1).mean()
+    total = policy + recipe.value_coef * value - recipe.entropy_coef * entropy + recipe.kl_coef * kl_bc
+    with torch.no_grad():
+        approx_kl = float((old_logp - taken).mean())
+        clip_fraction = float(((ratio - 1).abs() > recipe.clip).float().mean())
+    return LossTerms(total, policy.item(), value.item(), entropy.item(), kl_bc.item(), approx_kl, clip_fraction,
+                     ratio.mean().item())
+
+
+# ---------------------------------------------------------------------------------------------- the run
+@dataclass
+class RunState:
+    iteration: int = 0
+    env_steps: int = 0
+    episodes: int = 0
+    wall_s: float = 0.0
+    metrics: list[dict] = field(default_factory=list)
+
+
+def _save(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Generator, state: RunState,
+          source: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe), "source": source,
+                "model": model.state_dict(), "value_head": value_head.state_dict(), "opt": opt.state_dict(),
+                "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "state": asdict(state)}, tmp)
+    tmp.replace(path)
+
+
+def _resume(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Generator, source: str) -> RunState:
+    if not path.exists():
+        return RunState()
+    ck = torch.load(path, weights_only=False)
+    if ck["fingerprint"] != recipe.fingerprint() or ck.get("source") != source:
+        diff = {k: (v, getattr(recipe, k)) for k, v in ck["recipe"].items()
+                if k in recipe.__dataclass_fields__ and (tuple(v) if isinstance(v, list) else v) != getattr(recipe, k)}
+        if ck.get("source") != source:
+            diff["model"] = (ck.get("source"), source)
+        raise PlannerRLError(f"{path} is a run with another recipe or start model (checkpoint vs now: {diff}); "
+                             "resume it with the same settings, or pass another --run-dir to start a new run")
+    model.load_state_dict(ck["model"])
+    value_head.load_state_dict(ck["value_head"])
+    opt.load_state_dict(ck["opt"])
+    gen.set_state(ck["gen"])
+    torch.set_rng_state(ck["torch_rng"])
+    return RunState(**ck["state"])
+
+
+def validate(model, tokenizer, action_ids, recipe: PPORecipe, episodes: int | None = None) -> float:
+    """Greedy success over the recipe's validation seeds (training seeds the rollouts never use), all levels."""
+    gen = torch.Generator().manual_seed(0)
+    n = episodes or recipe.val_episodes
+    wins = [rollout(model, tokenizer, action_ids, lv, recipe.val_seed(i), gen, recipe.max_steps,
+                    recipe.temperature, greedy=True).success for lv in recipe.levels for i in range(n)]
+    return sum(wins) / len(wins)
+
+
+def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path, recipe: PPORecipe | None = None,
+                     command: str = "", progress: bool = True) -> Path:
+    """Run PPO from the planner at `model_dir`; resumes from `run_dir/ckpt.pt`; writes the planner to `out`."""
+    recipe = recipe or PPORecipe()
+    torch.set_num_threads(recipe.threads)
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_planner_for_rl(model_dir)
+    reference, _ = load_planner_for_rl(model_dir)  # the frozen BC planner of the KL guard
+    reference.eval().requires_grad_(False)
+    action_ids = action_token_ids(tokenizer)
+    torch.manual_seed(recipe.seed)
+    value_head = ValueHead(model.config.hidden_size, recipe.value_hidden)
+    opt = torch.optim.Adam([{"params": model.parameters(), "lr": recipe.lr},
+                            {"params": value_head.parameters(), "lr": recipe.value_lr}])
+    gen = torch.Generator().manual_seed(recipe.seed)
+    source = str(Path(model_dir).resolve())
+    state = _resume(run / "ckpt.pt", recipe, model, value_head, opt, gen, source)
+    metrics_path = run / "metrics.jsonl"
+    if state.iteration == 0:
+        metrics_path.write_text("")
+        model.eval()
+        v0 = validate(model, tokenizer, action_ids, recipe)
+        state.metrics.append({k: None for k in METRICS} | {"iteration": 0, "episodes": 0, "env_steps": 0,
+                                                            "decisions": 0, "wall_s": 0.0, "val_success": v0})
+        _append(metrics_path, state.metrics[-1])
+    bar = _progress(progress, recipe.iterations, state.iteration)
+    while state.iteration < recipe.iterations:
+        t0 = time.time()
+        model.eval()
+        batch = []
+        for j in range(recipe.episodes_per_iteration):
+            i = state.episodes + j
+            level = recipe.levels[i % len(recipe.levels)]
+            batch.append(rollout(model, tokenizer, action_ids, level, recipe.rollout_seed(i), gen,
+                                 recipe.max_steps, recipe.temperature))
+        with torch.no_grad():  # the behaviour values (GAE) and the BC reference, once per episode
+            for ep in batch:
+                _, ep.old_values = score_episode(model, value_head, ep, action_ids, recipe.temperature)
+                ep.bc_logp = action_log_probs(reference(input_ids=torch.tensor(ep.ids)[None]).logits[0, ep.positions],
+                                              action_ids, recipe.temperature)
+                rewards = torch.zeros(len(ep.actions))
+                rewards[-1] = ep.reward
+                ep.advantages, ep.returns = gae(rewards, ep.old_values, recipe.gamma, recipe.lam)
+        adv = torch.cat([ep.advantages for ep in batch])
+        mean, std = float(adv.mean()), float(adv.std()) if adv.numel() > 1 else 1.0
+        terms = []
+        model.train()
+        order = torch.Generator().manual_seed(recipe.seed * 100_003 + state.iteration)
+        for _ in range(recipe.epochs):
+            perm = torch.randperm(len(batch), generator=order).tolist()
+            for k in range(0, len(perm), recipe.minibatch_episodes):
+                opt.zero_grad()
+                chunk = [batch[x] for x in perm[k:k + recipe.minibatch_episodes]]
+                n_dec = sum(len(ep.actions) for ep in chunk)
+                for ep in chunk:  # one teacher-forced pass per episode; the loss weighted by its decisions
+                    logp, values = score_episode(model, value_head, ep, action_ids, recipe.temperature)
+                    t = ppo_loss(logp, values, torch.tensor(ep.actions), torch.tensor(ep.logp),
+                                 (ep.advantages - mean) / (std + 1e-8), ep.returns, ep.bc_logp, recipe)
+                    (t.total * len(ep.actions) / n_dec).backward()
+                    terms.append((len(ep.actions), t))
+                nn.utils.clip_grad_norm_(list(model.parameters()) + list(value_head.parameters()), recipe.grad_clip)
+                opt.step()
+        state.iteration += 1
+        state.episodes += len(batch)
+        state.env_steps += sum(ep.steps for ep in batch)
+        state.wall_s += time.time() - t0
+        w = sum(n for n, _ in terms)
+        row = {"iteration": state.iteration, "episodes": state.episodes, "env_steps": state.env_steps,
+               "decisions": sum(len(ep.actions) for ep in batch), "wall_s": round(state.wall_s, 2),
+               "success": sum(ep.success for ep in batch) / len(batch),
+               "return_mean": sum(ep.reward for ep in batch) / len(batch),
+               "policy_loss": sum(n * t.policy for n, t in terms) / w,
+               "value_loss": sum(n * t.value for n, t in terms) / w,
+               "entropy": sum(n * t.entropy for n, t in terms) / w,
+               "kl_bc": sum(n * t.kl_bc for n, t in terms) / w,
+               "approx_kl": sum(n * t.approx_kl for n, t in terms) / w,
+               "clip_fraction": sum(n * t.clip_fraction for n, t in terms) / w,
+               "val_success": None}
+        if state.iteration % recipe.val_every == 0 or state.iteration == recipe.iterations:
+            model.eval()
+            row["val_success"] = validate(model, tokenizer, action_ids, recipe)
+        state.metrics.append(row)
+        _append(metrics_path, row)
+        _save(run / "ckpt.pt", recipe, model, value_head, opt, gen, state, source)
+        bar(state.iteration, row)
+    return export(model, tokenizer, value_head, out, recipe, state, model_dir, command)
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps({k: row.get(k) for k in METRICS}) + "\n")
+
+
+def _progress(enabled: bool, total: int, done: int):
+    if not enabled:
+        return lambda i, row: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    bar = Progress(TextColumn("PPO {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+    bar.start()
+    task = bar.add_task("", total=total, completed=done)
+
+    def update(i: int, row: dict) -> None:
+        val = "" if row["val_success"] is None else f", val {row['val_success']:.2f}"
+        bar.update(task, completed=i, description=f"success {row['success']:.2f}{val}")
+        if i >= total:
+            bar.stop()
+
+    return update
+
+
+def export(model, tokenizer, value_head, out: str | Path, recipe: PPORecipe, state: RunState, source,
+           command: str) -> Path:
+    """The trained planner as a model directory (safetensors + tokenizer + card.json), the value head beside it."""
+    from safetensors.torch import save_file
+
+    p = Path(out)
+    p.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(p)
+    tokenizer.save_pretrained(p)
+    save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(p / "value_head.safetensors"))
+    card = {"name": "thrifty BabyAI-Text planner, PPO from behaviour cloning", "command": command,
+            "start_model": str(source), "recipe": asdict(recipe), "iterations": state.iteration,
+            "episodes": state.episodes, "env_steps": state.env_steps, "train_seconds": round(state.wall_s, 1),
+            "metrics": state.metrics}
+    (p / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return p
+
+
+def plot_metrics(metrics: Sequence[dict], out: str | Path) -> Path:
+    """Rollout and validation success against environment steps and against wall time (one PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, x, label in ((axes[0], "env_steps", "environment steps"), (axes[1], "wall_s", "wall time (s)")):
+        rows = [m for m in metrics if m.get("success") is not None]
+        ax.plot([m[x] for m in rows], [m["success"] for m in rows], label="rollouts (sampled)", alpha=0.7)
+        val = [m for m in metrics if m.get("val_success") is not None]
+        ax.plot([m[x] for m in val], [m["val_success"] for m in val], "o-", label="validation (greedy)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("success")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
