@@ -34,16 +34,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from thrifty.envs.babyai_text import ACTIONS
 from thrifty.envs.seeds import train_seed
 
 METRICS = ("iteration", "episodes", "env_steps", "decisions", "wall_s", "success", "return_mean", "policy_loss",
-           "value_loss", "entropy", "kl_bc", "approx_kl", "clip_fraction", "val_success")
+           "value_loss", "entropy", "kl_bc", "approx_kl", "clip_fraction", "replayed", "replay_size", "val_success")
 """The fixed metric names of metrics.jsonl (val_success is null on iterations without a validation)."""
+
+
+REPLAY_MODES = ("none", "surprise", "uniform")
 
 
 class PlannerRLError(ValueError):
@@ -76,8 +79,18 @@ class PPORecipe:
     disjoint from the BC transcripts (seeds below 10^6) and from evaluation seeds (10^9 + i) by construction"""
     threads: int = 2
     value_hidden: int = 64
+    replay: str = "none"
+    """"none"; "surprise" (EchoRL's surprise-prioritized hot/cold replay, `thrifty.train.replay`); "uniform"
+    (the same buffer, every stored episode equally likely, no tiers, importance weights 1)"""
+    replay_episodes: int = 8
+    """replayed episodes added to each iteration's update (with replay)"""
+    replay_capacity: int = 128
+    hot_fraction: float = 0.5
+    age_hot: int = 2
 
     def __post_init__(self) -> None:
+        if self.replay not in REPLAY_MODES:
+            raise PlannerRLError(f"replay must be one of {REPLAY_MODES}, got {self.replay!r}")
         if not self.levels:
             raise PlannerRLError("the recipe needs at least one level")
         for name in ("iterations", "episodes_per_iteration", "minibatch_episodes", "epochs", "max_steps",
@@ -207,15 +220,15 @@ def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, g
 
 
 def score_episode(model, value_head: ValueHead, ep: Episode, action_ids: torch.Tensor,
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One teacher-forced pass over the episode: (log pi [N, A], V [N]) at its N decisions (grad as the caller
-    set it). The value head reads the final hidden state, detached."""
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One teacher-forced pass over the episode: (log pi [N, A], V [N], final hidden states [N, d], detached) at
+    its N decisions (grad as the caller set it). The value head reads the final hidden state, detached."""
     ids = torch.tensor(ep.ids, dtype=torch.long)[None]
     out = model(input_ids=ids, output_hidden_states=True)
     pos = torch.tensor(ep.positions, dtype=torch.long)
     logp = action_log_probs(out.logits[0, pos], action_ids, temperature)
-    values = value_head(out.hidden_states[-1][0, pos].detach())
-    return logp, values
+    hidden = out.hidden_states[-1][0, pos].detach()
+    return logp, value_head(hidden), hidden
 
 
 # ---------------------------------------------------------------------------------------------- PPO's pieces
@@ -277,18 +290,29 @@ class RunState:
     metrics: list[dict] = field(default_factory=list)
 
 
+def make_replay(recipe: PPORecipe):
+    from thrifty.train.replay import ReplayConfig, SurpriseReplay
+
+    if recipe.replay == "none":
+        return None
+    return SurpriseReplay(ReplayConfig(capacity=recipe.replay_capacity, hot_fraction=recipe.hot_fraction,
+                                       age_hot=recipe.age_hot, beta_steps=max(1, recipe.iterations),
+                                       prioritized=recipe.replay == "surprise"))
+
+
 def _save(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Generator, state: RunState,
-          source: str) -> None:
+          source: str, replay) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe), "source": source,
+    torch.save({"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe), "source": source, "replay": replay,
                 "model": model.state_dict(), "value_head": value_head.state_dict(), "opt": opt.state_dict(),
                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "state": asdict(state)}, tmp)
     tmp.replace(path)
 
 
-def _resume(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Generator, source: str) -> RunState:
+def _resume(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Generator,
+            source: str) -> tuple[RunState, tuple | None]:
     if not path.exists():
-        return RunState()
+        return RunState(), None
     ck = torch.load(path, weights_only=False)
     if ck["fingerprint"] != recipe.fingerprint() or ck.get("source") != source:
         diff = {k: (v, getattr(recipe, k)) for k, v in ck["recipe"].items()
@@ -302,7 +326,7 @@ def _resume(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Ge
     opt.load_state_dict(ck["opt"])
     gen.set_state(ck["gen"])
     torch.set_rng_state(ck["torch_rng"])
-    return RunState(**ck["state"])
+    return RunState(**ck["state"]), ck["replay"]
 
 
 def validate(model, tokenizer, action_ids, recipe: PPORecipe, episodes: int | None = None) -> float:
@@ -314,9 +338,62 @@ def validate(model, tokenizer, action_ids, recipe: PPORecipe, episodes: int | No
     return sum(wins) / len(wins)
 
 
+LOSS_METRICS = (("policy_loss", "policy"), ("value_loss", "value"), ("entropy", "entropy"), ("kl_bc", "kl_bc"),
+                ("approx_kl", "approx_kl"), ("clip_fraction", "clip_fraction"))
+
+
+@torch.no_grad()
+def prepare(batch: list[Episode], model, reference, value_head, action_ids, recipe: PPORecipe) -> list[np.ndarray]:
+    """Per episode, with the current weights: the values, GAE advantages and returns (recomputed for replayed
+    episodes too: their advantages are the current critic's), the BC reference's log-probs (once per episode);
+    returns each episode's plan vector for the replay's surprise score (the mean final hidden state of its
+    decisions, until latent plans stand in for it)."""
+    plans = []
+    for ep in batch:
+        _, ep.old_values, hidden = score_episode(model, value_head, ep, action_ids, recipe.temperature)
+        if ep.bc_logp is None:
+            ep.bc_logp = action_log_probs(reference(input_ids=torch.tensor(ep.ids)[None]).logits[0, ep.positions],
+                                          action_ids, recipe.temperature)
+        rewards = torch.zeros(len(ep.actions))
+        rewards[-1] = ep.reward
+        ep.advantages, ep.returns = gae(rewards, ep.old_values, recipe.gamma, recipe.lam)
+        plans.append(hidden.mean(0).numpy())
+    return plans
+
+
+def update(batch: list[Episode], weights: list[float], model, value_head, opt, action_ids, recipe: PPORecipe,
+           iteration: int) -> list[tuple[int, LossTerms]]:
+    """`epochs` passes over the batch in minibatches of episodes, one teacher-forced pass per episode. The ratio
+    is always against the behaviour log-probabilities stored at acting time, so a replayed episode's clipped
+    ratio is its off-policy correction; its loss is also scaled by its prioritized-sampling importance weight."""
+    adv = torch.cat([ep.advantages for ep in batch])
+    mean, std = float(adv.mean()), (float(adv.std()) if adv.numel() > 1 else 1.0)
+    terms = []
+    model.train()
+    order = torch.Generator().manual_seed(recipe.seed * 100_003 + iteration)
+    params = list(model.parameters()) + list(value_head.parameters())
+    for _ in range(recipe.epochs):
+        perm = torch.randperm(len(batch), generator=order).tolist()
+        for k in range(0, len(perm), recipe.minibatch_episodes):
+            opt.zero_grad()
+            chunk = perm[k:k + recipe.minibatch_episodes]
+            n_dec = sum(len(batch[x].actions) for x in chunk)
+            for x in chunk:  # the loss weighted by the episode's decisions (a mean over the minibatch's decisions)
+                ep = batch[x]
+                logp, values, _ = score_episode(model, value_head, ep, action_ids, recipe.temperature)
+                t = ppo_loss(logp, values, torch.tensor(ep.actions), torch.tensor(ep.logp),
+                             (ep.advantages - mean) / (std + 1e-8), ep.returns, ep.bc_logp, recipe)
+                (t.total * weights[x] * len(ep.actions) / n_dec).backward()
+                terms.append((len(ep.actions), t))
+            nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+            opt.step()
+    return terms
+
+
 def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path, recipe: PPORecipe | None = None,
-                     command: str = "", progress: bool = True) -> Path:
-    """Run PPO from the planner at `model_dir`; resumes from `run_dir/ckpt.pt`; writes the planner to `out`."""
+                     command: str = "", progress: bool = True, stop_at: int | None = None) -> Path:
+    """Run PPO from the planner at `model_dir`; resumes from `run_dir/ckpt.pt`; writes the planner to `out`.
+    `stop_at` ends this call after that iteration (checkpointed; a later call resumes the same schedule)."""
     recipe = recipe or PPORecipe()
     torch.set_num_threads(recipe.threads)
     run = Path(run_dir)
@@ -331,7 +408,11 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
                             {"params": value_head.parameters(), "lr": recipe.value_lr}])
     gen = torch.Generator().manual_seed(recipe.seed)
     source = str(Path(model_dir).resolve())
-    state = _resume(run / "ckpt.pt", recipe, model, value_head, opt, gen, source)
+    buffer = make_replay(recipe)
+    replay_rng = np.random.default_rng(recipe.seed)
+    state, saved = _resume(run / "ckpt.pt", recipe, model, value_head, opt, gen, source)
+    if saved is not None:
+        buffer, replay_rng = saved
     metrics_path = run / "metrics.jsonl"
     if state.iteration == 0:
         metrics_path.write_text("")
@@ -340,66 +421,49 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
         state.metrics.append({k: None for k in METRICS} | {"iteration": 0, "episodes": 0, "env_steps": 0,
                                                             "decisions": 0, "wall_s": 0.0, "val_success": v0})
         _append(metrics_path, state.metrics[-1])
-    bar = _progress(progress, recipe.iterations, state.iteration)
-    while state.iteration < recipe.iterations:
+    last = min(stop_at or recipe.iterations, recipe.iterations)
+    bar = Bar(progress, last, state.iteration)
+    while state.iteration < last:
         t0 = time.time()
         model.eval()
-        batch = []
+        fresh = []
         for j in range(recipe.episodes_per_iteration):
             i = state.episodes + j
             level = recipe.levels[i % len(recipe.levels)]
-            batch.append(rollout(model, tokenizer, action_ids, level, recipe.rollout_seed(i), gen,
+            fresh.append(rollout(model, tokenizer, action_ids, level, recipe.rollout_seed(i), gen,
                                  recipe.max_steps, recipe.temperature))
-        with torch.no_grad():  # the behaviour values (GAE) and the BC reference, once per episode
-            for ep in batch:
-                _, ep.old_values = score_episode(model, value_head, ep, action_ids, recipe.temperature)
-                ep.bc_logp = action_log_probs(reference(input_ids=torch.tensor(ep.ids)[None]).logits[0, ep.positions],
-                                              action_ids, recipe.temperature)
-                rewards = torch.zeros(len(ep.actions))
-                rewards[-1] = ep.reward
-                ep.advantages, ep.returns = gae(rewards, ep.old_values, recipe.gamma, recipe.lam)
-        adv = torch.cat([ep.advantages for ep in batch])
-        mean, std = float(adv.mean()), float(adv.std()) if adv.numel() > 1 else 1.0
-        terms = []
-        model.train()
-        order = torch.Generator().manual_seed(recipe.seed * 100_003 + state.iteration)
-        for _ in range(recipe.epochs):
-            perm = torch.randperm(len(batch), generator=order).tolist()
-            for k in range(0, len(perm), recipe.minibatch_episodes):
-                opt.zero_grad()
-                chunk = [batch[x] for x in perm[k:k + recipe.minibatch_episodes]]
-                n_dec = sum(len(ep.actions) for ep in chunk)
-                for ep in chunk:  # one teacher-forced pass per episode; the loss weighted by its decisions
-                    logp, values = score_episode(model, value_head, ep, action_ids, recipe.temperature)
-                    t = ppo_loss(logp, values, torch.tensor(ep.actions), torch.tensor(ep.logp),
-                                 (ep.advantages - mean) / (std + 1e-8), ep.returns, ep.bc_logp, recipe)
-                    (t.total * len(ep.actions) / n_dec).backward()
-                    terms.append((len(ep.actions), t))
-                nn.utils.clip_grad_norm_(list(model.parameters()) + list(value_head.parameters()), recipe.grad_clip)
-                opt.step()
+        replayed, weights = [], [1.0] * len(fresh)
+        if buffer is not None and len(buffer):
+            drawn = buffer.sample(recipe.replay_episodes, replay_rng)
+            replayed = list(drawn.items)
+            weights += drawn.weights.tolist()
+        batch = fresh + replayed
+        plans = prepare(batch, model, reference, value_head, action_ids, recipe)
+        terms = update(batch, weights, model, value_head, opt, action_ids, recipe, state.iteration)
+        if buffer is not None:  # this iteration's episodes enter the buffer after the update, scored by surprise
+            for ep, plan in zip(fresh, plans[:len(fresh)]):
+                buffer.add(ep, plan, ep.reward)
+            buffer.tick()
         state.iteration += 1
-        state.episodes += len(batch)
-        state.env_steps += sum(ep.steps for ep in batch)
+        state.episodes += len(fresh)
+        state.env_steps += sum(ep.steps for ep in fresh)
         state.wall_s += time.time() - t0
         w = sum(n for n, _ in terms)
         row = {"iteration": state.iteration, "episodes": state.episodes, "env_steps": state.env_steps,
-               "decisions": sum(len(ep.actions) for ep in batch), "wall_s": round(state.wall_s, 2),
-               "success": sum(ep.success for ep in batch) / len(batch),
-               "return_mean": sum(ep.reward for ep in batch) / len(batch),
-               "policy_loss": sum(n * t.policy for n, t in terms) / w,
-               "value_loss": sum(n * t.value for n, t in terms) / w,
-               "entropy": sum(n * t.entropy for n, t in terms) / w,
-               "kl_bc": sum(n * t.kl_bc for n, t in terms) / w,
-               "approx_kl": sum(n * t.approx_kl for n, t in terms) / w,
-               "clip_fraction": sum(n * t.clip_fraction for n, t in terms) / w,
+               "decisions": sum(len(ep.actions) for ep in fresh), "wall_s": round(state.wall_s, 2),
+               "success": sum(ep.success for ep in fresh) / len(fresh),
+               "return_mean": sum(ep.reward for ep in fresh) / len(fresh),
+               **{name: sum(n * getattr(t, attr) for n, t in terms) / w for name, attr in LOSS_METRICS},
+               "replayed": len(replayed), "replay_size": len(buffer) if buffer is not None else 0,
                "val_success": None}
         if state.iteration % recipe.val_every == 0 or state.iteration == recipe.iterations:
             model.eval()
             row["val_success"] = validate(model, tokenizer, action_ids, recipe)
         state.metrics.append(row)
         _append(metrics_path, row)
-        _save(run / "ckpt.pt", recipe, model, value_head, opt, gen, state, source)
+        _save(run / "ckpt.pt", recipe, model, value_head, opt, gen, state, source, (buffer, replay_rng))
         bar(state.iteration, row)
+    bar.close()
     return export(model, tokenizer, value_head, out, recipe, state, model_dir, command)
 
 
@@ -408,24 +472,28 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps({k: row.get(k) for k in METRICS}) + "\n")
 
 
-def _progress(enabled: bool, total: int, done: int):
-    if not enabled:
-        return lambda i, row: None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+class Bar:
+    """The run's progress bar (rich), with the latest rollout and validation success in its description."""
 
-    bar = Progress(TextColumn("PPO {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-    bar.start()
-    task = bar.add_task("", total=total, completed=done)
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self._bar = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
 
-    def update(i: int, row: dict) -> None:
-        val = "" if row["val_success"] is None else f", val {row['val_success']:.2f}"
-        bar.update(task, completed=i, description=f"success {row['success']:.2f}{val}")
-        if i >= total:
-            bar.stop()
+            self._bar = Progress(TextColumn("PPO {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn())
+            self._bar.start()
+            self._task = self._bar.add_task("", total=total, completed=done)
 
-    return update
+    def __call__(self, i: int, row: dict) -> None:
+        if self._bar is not None:
+            val = "" if row["val_success"] is None else f", val {row['val_success']:.2f}"
+            self._bar.update(self._task, completed=i, description=f"success {row['success']:.2f}{val}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
 
 
 def export(model, tokenizer, value_head, out: str | Path, recipe: PPORecipe, state: RunState, source,
