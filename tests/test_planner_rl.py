@@ -88,8 +88,9 @@ def test_same_seed_same_run_and_a_resume_continues_it(tiny_planner_dir, tmp_path
     a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     c = [json.loads(x) for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert [list(x) for x in a] == [list(METRICS)] * 3
-    assert [{k: v for k, v in x.items() if k != "wall_s"} for x in a] == \
-           [{k: v for k, v in x.items() if k != "wall_s"} for x in c]
+    timed = ("wall_s", "rollout_s", "update_s")
+    assert [{k: v for k, v in x.items() if k not in timed} for x in a] == \
+           [{k: v for k, v in x.items() if k not in timed} for x in c]
     wa = (straight / "model.safetensors").read_bytes()
     assert wa == (again / "model.safetensors").read_bytes()
     card = json.loads((straight / "card.json").read_text())
@@ -131,3 +132,30 @@ def test_replayed_episodes_join_the_update_and_resume_with_the_buffer(tiny_plann
     train_planner_rl(tiny_planner_dir, tmp_path / "b_out", tmp_path / "b", recipe, progress=False, stop_at=2)
     resumed = train_planner_rl(tiny_planner_dir, tmp_path / "b_out", tmp_path / "b", recipe, progress=False)
     assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+
+
+def test_the_command_refuses_bad_settings_with_the_reason(tmp_path):
+    from typer.testing import CliRunner
+
+    from thrifty.cli import app
+
+    r = CliRunner().invoke(app, ["train", "planner-rl", "--replay", "bogus", "--run-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "replay must be one of" in r.output
+    r = CliRunner().invoke(app, ["train", "planner-rl", "--levels", "Moon", "--run-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "Moon" in r.output
+    r = CliRunner().invoke(app, ["train", "planner-rl", "--model", str(tmp_path / "none"), "--run-dir",
+                                 str(tmp_path)])
+    assert r.exit_code == 2 and "no planner" in r.output
+
+
+def test_reuse_and_recompute_rollouts_take_the_same_actions_at_less_bandwidth(tiny):
+    from thrifty.cost.bandwidth import bandwidth, effective_bandwidth
+
+    model, tokenizer, ids = tiny
+    a = rollout(model, tokenizer, ids, "GoToLocal", 5, torch.Generator().manual_seed(3), max_steps=6)
+    b = rollout(model, tokenizer, ids, "GoToLocal", 5, torch.Generator().manual_seed(3), max_steps=6, reuse=False)
+    assert a.actions == b.actions and a.ids == b.ids
+    assert b.reused_tokens == [0] * b.steps and a.reused_tokens[0] == 0 and all(r > 0 for r in a.reused_tokens[1:])
+    assert a.prompt_tokens == b.prompt_tokens == [p + 1 for p in a.positions]
+    eff = sum(effective_bandwidth(t, r) for t, r in zip(a.prompt_tokens, a.reused_tokens))
+    assert eff < sum(bandwidth(t) for t in b.prompt_tokens)

@@ -168,6 +168,11 @@ def train_planner_rl_cmd(
     lr: Optional[float] = typer.Option(None, help="planner learning rate (default: the recipe's)"),
     kl_coef: Optional[float] = typer.Option(None, help="weight of the KL guard against the BC planner"),
     val_episodes: Optional[int] = typer.Option(None, min=1, help="validation episodes per level"),
+    replay: Optional[str] = typer.Option(None, help="none | surprise (EchoRL's prioritized hot/cold replay) | "
+                                                   "uniform (the ablation)"),
+    replay_episodes: Optional[int] = typer.Option(None, min=1, help="replayed episodes per update (with replay)"),
+    rollout_reuse: bool = typer.Option(True, help="rollouts through exact prefix reuse (--no-rollout-reuse: "
+                                                  "every decision recomputes its context, the bandwidth baseline)"),
     seed: int = typer.Option(0, help="seed of the sampling and the minibatches"),
     threads: int = typer.Option(2, min=1, help="torch threads"),
 ) -> None:
@@ -182,7 +187,9 @@ def train_planner_rl_cmd(
     from thrifty.train.planner_rl import PlannerRLError, PPORecipe, plot_metrics, train_planner_rl
 
     changes = {k: v for k, v in {"iterations": iterations, "episodes_per_iteration": episodes, "lr": lr,
-                                 "kl_coef": kl_coef, "val_episodes": val_episodes}.items() if v is not None}
+                                 "kl_coef": kl_coef, "val_episodes": val_episodes, "replay": replay,
+                                 "replay_episodes": replay_episodes, "rollout_reuse": rollout_reuse}.items()
+               if v is not None}
     try:
         if levels:
             changes["levels"] = tuple(lv.strip() for lv in levels.split(",") if lv.strip())

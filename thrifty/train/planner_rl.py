@@ -42,7 +42,8 @@ from thrifty.envs.babyai_text import ACTIONS
 from thrifty.envs.seeds import train_seed
 
 METRICS = ("iteration", "episodes", "env_steps", "decisions", "wall_s", "success", "return_mean", "policy_loss",
-           "value_loss", "entropy", "kl_bc", "approx_kl", "clip_fraction", "replayed", "replay_size", "val_success")
+           "value_loss", "entropy", "kl_bc", "approx_kl", "clip_fraction", "replayed", "replay_size", "rollout_s", "update_s",
+           "prefix_hit_rate", "bw_full", "bw_eff", "bw_learner", "eta_bw", "val_success")
 """The fixed metric names of metrics.jsonl (val_success is null on iterations without a validation)."""
 
 
@@ -79,6 +80,8 @@ class PPORecipe:
     disjoint from the BC transcripts (seeds below 10^6) and from evaluation seeds (10^9 + i) by construction"""
     threads: int = 2
     value_hidden: int = 64
+    rollout_reuse: bool = True
+    """rollouts through one kept session (exact prefix reuse); False: every decision recomputes its context"""
     replay: str = "none"
     """"none"; "surprise" (EchoRL's surprise-prioritized hot/cold replay, `thrifty.train.replay`); "uniform"
     (the same buffer, every stored episode equally likely, no tiers, importance weights 1)"""
@@ -170,6 +173,10 @@ class Episode:
     """behaviour log-probability of each action taken, stored at acting time"""
     reward: float
     steps: int
+    prompt_tokens: list[int] = field(default_factory=list)
+    """per decision: the context's length t (the prompt EchoRL's b(t) prices)"""
+    reused_tokens: list[int] = field(default_factory=list)
+    """per decision: the tokens whose keys and values came from the kept session (t')"""
     old_values: torch.Tensor | None = None
     bc_logp: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -187,9 +194,10 @@ def action_log_probs(logits: torch.Tensor, action_ids: torch.Tensor, temperature
 
 @torch.no_grad()
 def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, gen: torch.Generator,
-            max_steps: int, temperature: float = 1.0, greedy: bool = False) -> Episode:
+            max_steps: int, temperature: float = 1.0, greedy: bool = False, reuse: bool = True) -> Episode:
     """Play one episode, sampling each action from pi (argmax with `greedy`), through one kept session (exact
-    prefix reuse: each decision runs only the tokens appended since the previous one)."""
+    prefix reuse: each decision runs only the tokens appended since the previous one), or with `reuse=False`
+    recomputing the whole context at every decision (the baseline of EchoRL's bandwidth comparison)."""
     from thrifty.agents.planner import PlannerContext
     from thrifty.backbones import HFDecoder
     from thrifty.envs.babyai_text import BabyAITextEnv
@@ -199,11 +207,16 @@ def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, g
     obs, info = env.reset(seed=seed)
     ctx = PlannerContext(tokenizer)
     ctx.start(info["mission"])
-    session, fed = Session(HFDecoder.from_model(model)), 0
-    positions, actions, logps = [], [], []
+    backbone = HFDecoder.from_model(model)
+    session, fed = Session(backbone), 0
+    positions, actions, logps, prompt, reused = [], [], [], [], []
     reward, done, steps = 0.0, False, 0
     while not done:
         ctx.add_observation(obs)
+        if not reuse:
+            session, fed = Session(backbone), 0
+        prompt.append(len(ctx.ids))
+        reused.append(fed)
         res = session.extend(ctx.ids[fed:], logits="last")
         fed = len(ctx.ids)
         logp = action_log_probs(res.logits[-1], action_ids, temperature)
@@ -216,7 +229,7 @@ def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, g
         steps += 1
         done = terminated or truncated
     env.close()
-    return Episode(level, seed, list(ctx.ids), positions, actions, logps, float(reward), steps)
+    return Episode(level, seed, list(ctx.ids), positions, actions, logps, float(reward), steps, prompt, reused)
 
 
 def score_episode(model, value_head: ValueHead, ep: Episode, action_ids: torch.Tensor,
@@ -342,6 +355,28 @@ LOSS_METRICS = (("policy_loss", "policy"), ("value_loss", "value"), ("entropy", 
                 ("approx_kl", "approx_kl"), ("clip_fraction", "clip_fraction"))
 
 
+def rollout_bandwidth(fresh: list[Episode], batch: list[Episode], recipe: PPORecipe, shape) -> dict:
+    """EchoRL's bandwidth metrics of one iteration (`thrifty.cost.bandwidth`), in attention FLOPs: b(t) and b_eff =
+    b(t) - b(t') over the rollouts' decisions, the learner's passes over the batch (the no-grad pass and `epochs`
+    grad passes per episode, b(len) each), the prefix hit rate, and eta_bw = return / (bw_eff + learner) in return
+    per attention GFLOP."""
+    from thrifty.cost.bandwidth import (PrefixHitCounter, attention_flops_per_pair, bandwidth,
+                                        bandwidth_efficiency, effective_bandwidth)
+
+    scale = attention_flops_per_pair(shape)
+    hits = PrefixHitCounter()
+    full = eff = 0.0
+    for ep in fresh:
+        for t, r in zip(ep.prompt_tokens, ep.reused_tokens):
+            full += bandwidth(t, scale)
+            eff += effective_bandwidth(t, r, scale)
+            hits.add(t, r)
+    learner = sum(bandwidth(len(ep.ids), scale) for ep in batch) * (1 + recipe.epochs)
+    ret = sum(ep.reward for ep in fresh)
+    return {"prefix_hit_rate": round(hits.hit_rate, 5), "bw_full": full, "bw_eff": eff, "bw_learner": learner,
+            "eta_bw": bandwidth_efficiency(ret, eff, learner) * 1e9}
+
+
 @torch.no_grad()
 def prepare(batch: list[Episode], model, reference, value_head, action_ids, recipe: PPORecipe) -> list[np.ndarray]:
     """Per episode, with the current weights: the values, GAE advantages and returns (recomputed for replayed
@@ -421,6 +456,9 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
         state.metrics.append({k: None for k in METRICS} | {"iteration": 0, "episodes": 0, "env_steps": 0,
                                                             "decisions": 0, "wall_s": 0.0, "val_success": v0})
         _append(metrics_path, state.metrics[-1])
+    from thrifty.backbones import HFDecoder
+
+    shape = HFDecoder.from_model(model).shape
     last = min(stop_at or recipe.iterations, recipe.iterations)
     bar = Bar(progress, last, state.iteration)
     while state.iteration < last:
@@ -431,7 +469,8 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
             i = state.episodes + j
             level = recipe.levels[i % len(recipe.levels)]
             fresh.append(rollout(model, tokenizer, action_ids, level, recipe.rollout_seed(i), gen,
-                                 recipe.max_steps, recipe.temperature))
+                                 recipe.max_steps, recipe.temperature, reuse=recipe.rollout_reuse))
+        rollout_s = time.time() - t0
         replayed, weights = [], [1.0] * len(fresh)
         if buffer is not None and len(buffer):
             drawn = buffer.sample(recipe.replay_episodes, replay_rng)
@@ -439,7 +478,9 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
             weights += drawn.weights.tolist()
         batch = fresh + replayed
         plans = prepare(batch, model, reference, value_head, action_ids, recipe)
+        t1 = time.time()
         terms = update(batch, weights, model, value_head, opt, action_ids, recipe, state.iteration)
+        update_s = time.time() - t1
         if buffer is not None:  # this iteration's episodes enter the buffer after the update, scored by surprise
             for ep, plan in zip(fresh, plans[:len(fresh)]):
                 buffer.add(ep, plan, ep.reward)
@@ -455,7 +496,8 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
                "return_mean": sum(ep.reward for ep in fresh) / len(fresh),
                **{name: sum(n * getattr(t, attr) for n, t in terms) / w for name, attr in LOSS_METRICS},
                "replayed": len(replayed), "replay_size": len(buffer) if buffer is not None else 0,
-               "val_success": None}
+               "rollout_s": round(rollout_s, 3), "update_s": round(update_s, 3),
+               **rollout_bandwidth(fresh, batch, recipe, shape), "val_success": None}
         if state.iteration % recipe.val_every == 0 or state.iteration == recipe.iterations:
             model.eval()
             row["val_success"] = validate(model, tokenizer, action_ids, recipe)
