@@ -167,6 +167,9 @@ def train_planner_rl_cmd(
     episodes: Optional[int] = typer.Option(None, min=1, help="rollout episodes per iteration"),
     lr: Optional[float] = typer.Option(None, help="planner learning rate (default: the recipe's)"),
     kl_coef: Optional[float] = typer.Option(None, help="weight of the KL guard against the BC planner"),
+    entropy_coef: Optional[float] = typer.Option(None, help="weight of the entropy bonus"),
+    temperature: Optional[float] = typer.Option(None, help="the policy's softmax temperature over the action words "
+                                                           "(acting and learning alike)"),
     val_episodes: Optional[int] = typer.Option(None, min=1, help="validation episodes per level"),
     replay: Optional[str] = typer.Option(None, help="none | surprise (EchoRL's prioritized hot/cold replay) | "
                                                    "uniform (the ablation)"),
@@ -187,9 +190,9 @@ def train_planner_rl_cmd(
     from thrifty.train.planner_rl import PlannerRLError, PPORecipe, plot_metrics, train_planner_rl
 
     changes = {k: v for k, v in {"iterations": iterations, "episodes_per_iteration": episodes, "lr": lr,
-                                 "kl_coef": kl_coef, "val_episodes": val_episodes, "replay": replay,
-                                 "replay_episodes": replay_episodes, "rollout_reuse": rollout_reuse}.items()
-               if v is not None}
+                                 "kl_coef": kl_coef, "entropy_coef": entropy_coef, "temperature": temperature,
+                                 "val_episodes": val_episodes, "replay": replay, "replay_episodes": replay_episodes,
+                                 "rollout_reuse": rollout_reuse}.items() if v is not None}
     try:
         if levels:
             changes["levels"] = tuple(lv.strip() for lv in levels.split(",") if lv.strip())
