@@ -10,8 +10,10 @@ import shutil
 import pytest
 import torch
 
-from thrifty.train.planner_rl import (METRICS, PlannerRLError, PPORecipe, ValueHead, action_token_ids, gae,
-                                      load_planner_for_rl, ppo_loss, rollout, score_episode, train_planner_rl)
+from thrifty.train.planner_policy import (PlannerRLError, ValueHead, action_token_ids, load_planner_for_rl, rollout,
+                                          score_episode)
+from thrifty.train.planner_rl import METRICS, PPORecipe, train_planner_rl
+from thrifty.train.ppo import gae, ppo_loss
 
 TINY = PPORecipe(levels=("GoToLocal",), iterations=2, episodes_per_iteration=2, minibatch_episodes=1, epochs=1,
                  max_steps=5, val_every=1, val_episodes=1, threads=1, value_hidden=8, lr=1e-3)

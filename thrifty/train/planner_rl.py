@@ -7,6 +7,9 @@ is always 1: ../shared/research/seed-erecap-echorl.md, B). Here, in thrifty's ow
 - **The policy** is the planner's distribution over the level's action words at the decision prompt:
   pi(a | context) = softmax(logits[action tokens] / T), each action word being one token (" left", ...), the token
   greedy decoding emits first. Acting and learning use the same distribution.
+The policy, rollouts and episode scoring are `thrifty.train.planner_policy`; GAE and the objective
+`thrifty.train.ppo`; the replay `thrifty.train.replay`. This module is the run.
+
 - **Rollouts** run in closed loop through exact prefix reuse: one kept `Session` per episode, each decision extends
   it by the tokens appended since the last one (the action taken, the new observation, the prompt), so a decision
   costs its new tokens only. The behaviour log-probability of every sampled action is stored at acting time.
@@ -38,20 +41,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from thrifty.envs.babyai_text import ACTIONS
 from thrifty.envs.seeds import train_seed
+from thrifty.train.planner_policy import (Episode, PlannerRLError, ValueHead, action_log_probs, action_token_ids,
+                                          load_planner_for_rl, rollout, score_episode)
+from thrifty.train.ppo import LossTerms, gae, ppo_loss
 
 METRICS = ("iteration", "episodes", "env_steps", "decisions", "wall_s", "success", "return_mean", "policy_loss",
-           "value_loss", "entropy", "kl_bc", "approx_kl", "clip_fraction", "replayed", "replay_size", "rollout_s", "update_s",
-           "prefix_hit_rate", "bw_full", "bw_eff", "bw_learner", "eta_bw", "val_success")
+           "value_loss", "entropy", "kl_bc", "approx_kl", "clip_fraction", "replayed", "replay_size", "rollout_s",
+           "update_s", "prefix_hit_rate", "bw_full", "bw_eff", "bw_learner", "eta_bw", "val_success")
 """The fixed metric names of metrics.jsonl (val_success is null on iterations without a validation)."""
 
 
 REPLAY_MODES = ("none", "surprise", "uniform")
-
-
-class PlannerRLError(ValueError):
-    """A planner-RL run that cannot start as asked (bad recipe, model directory, or resume)."""
 
 
 @dataclass(frozen=True)
@@ -117,180 +118,6 @@ class PPORecipe:
 
     def val_seed(self, i: int) -> int:
         return train_seed(self.seed_base // 3 * 4 + i)
-
-
-# ---------------------------------------------------------------------------------------------- the policy
-class ValueHead(nn.Module):
-    """h [..., d] (the decision token's final hidden state) -> V [...]."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h).squeeze(-1)
-
-
-def action_token_ids(tokenizer) -> torch.Tensor:
-    """[A] the token of each action word in ACTIONS order, as the planner emits it (" word", one token)."""
-    ids = []
-    for a in ACTIONS:
-        enc = tokenizer.encode(f" {a}", add_special_tokens=False)
-        if len(enc) != 1 or tokenizer.encode(f" {a}\n", add_special_tokens=False)[0] != enc[0]:
-            raise PlannerRLError(f"the action {a!r} is not one token for this tokenizer ({enc}); the RL policy is a "
-                                 "distribution over one token per action word")
-        ids.append(enc[0])
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def load_planner_for_rl(model_dir: str | Path):
-    """(HF causal LM, tokenizer) from a local planner directory, with clear errors for what is missing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(model_dir)
-    if not (p / "config.json").is_file():
-        raise PlannerRLError(f"no planner at {p} (no config.json): pass a directory written by `thrifty train "
-                             "planner` or another local causal LM")
-    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise PlannerRLError(f"{p} has no tokenizer (tokenizer.json / tokenizer_config.json): the planner reads "
-                             "text, so its directory must hold the tokenizer it was trained with")
-    tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
-    return model, tokenizer
-
-
-@dataclass
-class Episode:
-    """One rollout: the episode's whole token context and, per decision, where it was made and what was taken."""
-
-    level: str
-    seed: int
-    ids: list[int]
-    positions: list[int]
-    """index of each decision's prompt token (its logits predict the action token)"""
-    actions: list[int]
-    logp: list[float]
-    """behaviour log-probability of each action taken, stored at acting time"""
-    reward: float
-    steps: int
-    prompt_tokens: list[int] = field(default_factory=list)
-    """per decision: the context's length t (the prompt EchoRL's b(t) prices)"""
-    reused_tokens: list[int] = field(default_factory=list)
-    """per decision: the tokens whose keys and values came from the kept session (t')"""
-    old_values: torch.Tensor | None = None
-    bc_logp: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-
-    @property
-    def success(self) -> bool:
-        return self.reward > 0
-
-
-def action_log_probs(logits: torch.Tensor, action_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits [..., vocab] -> log pi over the action words [..., A]."""
-    return torch.log_softmax(logits[..., action_ids] / temperature, -1)
-
-
-@torch.no_grad()
-def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, gen: torch.Generator,
-            max_steps: int, temperature: float = 1.0, greedy: bool = False, reuse: bool = True) -> Episode:
-    """Play one episode, sampling each action from pi (argmax with `greedy`), through one kept session (exact
-    prefix reuse: each decision runs only the tokens appended since the previous one), or with `reuse=False`
-    recomputing the whole context at every decision (the baseline of EchoRL's bandwidth comparison)."""
-    from thrifty.agents.planner import PlannerContext
-    from thrifty.backbones import HFDecoder
-    from thrifty.envs.babyai_text import BabyAITextEnv
-    from thrifty.runtime import Session
-
-    env = BabyAITextEnv(level, max_steps=max_steps)
-    obs, info = env.reset(seed=seed)
-    ctx = PlannerContext(tokenizer)
-    ctx.start(info["mission"])
-    backbone = HFDecoder.from_model(model)
-    session, fed = Session(backbone), 0
-    positions, actions, logps, prompt, reused = [], [], [], [], []
-    reward, done, steps = 0.0, False, 0
-    while not done:
-        ctx.add_observation(obs)
-        if not reuse:
-            session, fed = Session(backbone), 0
-        prompt.append(len(ctx.ids))
-        reused.append(fed)
-        res = session.extend(ctx.ids[fed:], logits="last")
-        fed = len(ctx.ids)
-        logp = action_log_probs(res.logits[-1], action_ids, temperature)
-        a = int(logp.argmax()) if greedy else int(torch.multinomial(logp.exp(), 1, generator=gen))
-        positions.append(fed - 1)
-        actions.append(a)
-        logps.append(float(logp[a]))
-        ctx.add_action(ACTIONS[a])
-        obs, reward, terminated, truncated, _ = env.step(a)
-        steps += 1
-        done = terminated or truncated
-    env.close()
-    return Episode(level, seed, list(ctx.ids), positions, actions, logps, float(reward), steps, prompt, reused)
-
-
-def score_episode(model, value_head: ValueHead, ep: Episode, action_ids: torch.Tensor,
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One teacher-forced pass over the episode: (log pi [N, A], V [N], final hidden states [N, d], detached) at
-    its N decisions (grad as the caller set it). The value head reads the final hidden state, detached."""
-    ids = torch.tensor(ep.ids, dtype=torch.long)[None]
-    out = model(input_ids=ids, output_hidden_states=True)
-    pos = torch.tensor(ep.positions, dtype=torch.long)
-    logp = action_log_probs(out.logits[0, pos], action_ids, temperature)
-    hidden = out.hidden_states[-1][0, pos].detach()
-    return logp, value_head(hidden), hidden
-
-
-# ---------------------------------------------------------------------------------------------- PPO's pieces
-def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over one episode that ends after its last decision (no bootstrap):
-    rewards, values [N] -> advantages, returns [N]; delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma
-    lam A_{t+1}, returns = A + V."""
-    n = rewards.shape[0]
-    adv = torch.zeros(n, dtype=torch.float32)
-    running = 0.0
-    for t in range(n - 1, -1, -1):
-        next_v = float(values[t + 1]) if t + 1 < n else 0.0
-        delta = float(rewards[t]) + gamma * next_v - float(values[t])
-        running = delta + gamma * lam * running
-        adv[t] = running
-    return adv, adv + values.detach().float()
-
-
-@dataclass
-class LossTerms:
-    total: torch.Tensor
-    policy: float
-    value: float
-    entropy: float
-    kl_bc: float
-    approx_kl: float
-    clip_fraction: float
-    ratio_mean: float
-
-
-def ppo_loss(logp: torch.Tensor, values: torch.Tensor, actions: torch.Tensor, old_logp: torch.Tensor,
-             advantages: torch.Tensor, returns: torch.Tensor, bc_logp: torch.Tensor, recipe: PPORecipe) -> LossTerms:
-    """The PPO objective over N decisions: logp, bc_logp [N, A]; values, old_logp, advantages, returns [N];
-    actions [N] long. loss = -mean(min(r A, clip(r, 1-c, 1+c) A)) + c_v mean((V - R)^2) - c_e H + c_kl KL(pi||BC),
-    r = exp(logp[a] - old_logp)."""
-    taken = logp.gather(-1, actions[:, None]).squeeze(-1)
-    ratio = torch.exp(taken - old_logp)
-    clipped = ratio.clamp(1 - recipe.clip, 1 + recipe.clip)
-    policy = -torch.minimum(ratio * advantages, clipped * advantages).mean()
-    value = (values - returns).pow(2).mean()
-    p = logp.exp()
-    entropy = -(p * logp).sum(-1).mean()
-    kl_bc = (p * (logp - bc_logp)).sum(-1).mean()
-    total = policy + recipe.value_coef * value - recipe.entropy_coef * entropy + recipe.kl_coef * kl_bc
-    with torch.no_grad():
-        approx_kl = float((old_logp - taken).mean())
-        clip_fraction = float(((ratio - 1).abs() > recipe.clip).float().mean())
-    return LossTerms(total, policy.item(), value.item(), entropy.item(), kl_bc.item(), approx_kl, clip_fraction,
-                     ratio.mean().item())
 
 
 # ---------------------------------------------------------------------------------------------- the run

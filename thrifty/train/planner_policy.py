@@ -1,0 +1,147 @@
+"""The LM planner as a reinforcement-learning policy (issue 19): its distribution over the action words, closed-loop
+rollouts through exact prefix reuse that store the behaviour log-probabilities, and the teacher-forced pass that
+scores a whole episode at once (`thrifty.train.planner_rl` runs PPO on them).
+
+pi(a | context) = softmax(logits[action tokens] / T) at the decision prompt's last token, each action word being one
+token (" left", ...), the token greedy decoding emits first; acting and learning use the same distribution. The
+context is append-only, so one forward over an episode's tokens gives the logits (and the value head's input, the
+final hidden state) at every decision position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from thrifty.envs.babyai_text import ACTIONS
+
+
+class PlannerRLError(ValueError):
+    """A planner-RL run that cannot start as asked (bad recipe, model directory, or resume)."""
+
+
+class ValueHead(nn.Module):
+    """h [..., d] (the decision token's final hidden state) -> V [...]."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h).squeeze(-1)
+
+
+def action_token_ids(tokenizer) -> torch.Tensor:
+    """[A] the token of each action word in ACTIONS order, as the planner emits it (" word", one token)."""
+    ids = []
+    for a in ACTIONS:
+        enc = tokenizer.encode(f" {a}", add_special_tokens=False)
+        if len(enc) != 1 or tokenizer.encode(f" {a}\n", add_special_tokens=False)[0] != enc[0]:
+            raise PlannerRLError(f"the action {a!r} is not one token for this tokenizer ({enc}); the RL policy is a "
+                                 "distribution over one token per action word")
+        ids.append(enc[0])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def load_planner_for_rl(model_dir: str | Path):
+    """(HF causal LM, tokenizer) from a local planner directory, with clear errors for what is missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(model_dir)
+    if not (p / "config.json").is_file():
+        raise PlannerRLError(f"no planner at {p} (no config.json): pass a directory written by `thrifty train "
+                             "planner` or another local causal LM")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise PlannerRLError(f"{p} has no tokenizer (tokenizer.json / tokenizer_config.json): the planner reads "
+                             "text, so its directory must hold the tokenizer it was trained with")
+    tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
+    return model, tokenizer
+
+
+@dataclass
+class Episode:
+    """One rollout: the episode's whole token context and, per decision, where it was made and what was taken."""
+
+    level: str
+    seed: int
+    ids: list[int]
+    positions: list[int]
+    """index of each decision's prompt token (its logits predict the action token)"""
+    actions: list[int]
+    logp: list[float]
+    """behaviour log-probability of each action taken, stored at acting time"""
+    reward: float
+    steps: int
+    prompt_tokens: list[int] = field(default_factory=list)
+    """per decision: the context's length t (the prompt EchoRL's b(t) prices)"""
+    reused_tokens: list[int] = field(default_factory=list)
+    """per decision: the tokens whose keys and values came from the kept session (t')"""
+    old_values: torch.Tensor | None = None
+    bc_logp: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.reward > 0
+
+
+def action_log_probs(logits: torch.Tensor, action_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [..., vocab] -> log pi over the action words [..., A]."""
+    return torch.log_softmax(logits[..., action_ids] / temperature, -1)
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, gen: torch.Generator,
+            max_steps: int, temperature: float = 1.0, greedy: bool = False, reuse: bool = True) -> Episode:
+    """Play one episode, sampling each action from pi (argmax with `greedy`), through one kept session (exact
+    prefix reuse: each decision runs only the tokens appended since the previous one), or with `reuse=False`
+    recomputing the whole context at every decision (the baseline of EchoRL's bandwidth comparison)."""
+    from thrifty.agents.planner import PlannerContext
+    from thrifty.backbones import HFDecoder
+    from thrifty.envs.babyai_text import BabyAITextEnv
+    from thrifty.runtime import Session
+
+    env = BabyAITextEnv(level, max_steps=max_steps)
+    obs, info = env.reset(seed=seed)
+    ctx = PlannerContext(tokenizer)
+    ctx.start(info["mission"])
+    backbone = HFDecoder.from_model(model)
+    session, fed = Session(backbone), 0
+    positions, actions, logps, prompt, reused = [], [], [], [], []
+    reward, done, steps = 0.0, False, 0
+    while not done:
+        ctx.add_observation(obs)
+        if not reuse:
+            session, fed = Session(backbone), 0
+        prompt.append(len(ctx.ids))
+        reused.append(fed)
+        res = session.extend(ctx.ids[fed:], logits="last")
+        fed = len(ctx.ids)
+        logp = action_log_probs(res.logits[-1], action_ids, temperature)
+        a = int(logp.argmax()) if greedy else int(torch.multinomial(logp.exp(), 1, generator=gen))
+        positions.append(fed - 1)
+        actions.append(a)
+        logps.append(float(logp[a]))
+        ctx.add_action(ACTIONS[a])
+        obs, reward, terminated, truncated, _ = env.step(a)
+        steps += 1
+        done = terminated or truncated
+    env.close()
+    return Episode(level, seed, list(ctx.ids), positions, actions, logps, float(reward), steps, prompt, reused)
+
+
+def score_episode(model, value_head: ValueHead, ep: Episode, action_ids: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One teacher-forced pass over the episode: (log pi [N, A], V [N], final hidden states [N, d], detached) at
+    its N decisions (grad as the caller set it). The value head reads the final hidden state, detached."""
+    ids = torch.tensor(ep.ids, dtype=torch.long)[None]
+    out = model(input_ids=ids, output_hidden_states=True)
+    pos = torch.tensor(ep.positions, dtype=torch.long)
+    logp = action_log_probs(out.logits[0, pos], action_ids, temperature)
+    hidden = out.hidden_states[-1][0, pos].detach()
+    return logp, value_head(hidden), hidden
