@@ -32,7 +32,7 @@ def test_the_ratio_is_one_before_the_first_update(tiny):
     ep = rollout(model, tokenizer, ids, "GoToLocal", 11, gen, max_steps=6)
     assert len(ep.actions) == len(ep.positions) == len(ep.logp) == ep.steps
     with torch.no_grad():
-        logp, values, _ = score_episode(model, ValueHead(model.config.hidden_size, 8), ep, ids, 1.0)
+        logp, values, _, _ = score_episode(model, ValueHead(model.config.hidden_size, 8), ep, ids, 1.0)
     taken = logp.gather(-1, torch.tensor(ep.actions)[:, None]).squeeze(-1)
     ratio = torch.exp(taken - torch.tensor(ep.logp))
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
@@ -161,3 +161,38 @@ def test_reuse_and_recompute_rollouts_take_the_same_actions_at_less_bandwidth(ti
     assert a.prompt_tokens == b.prompt_tokens == [p + 1 for p in a.positions]
     eff = sum(effective_bandwidth(t, r) for t, r in zip(a.prompt_tokens, a.reused_tokens))
     assert eff < sum(bandwidth(t) for t in b.prompt_tokens)
+
+
+def test_latent_plans_keep_the_prefix_exact_and_start_as_the_bc_planner(tiny):
+    from thrifty.train.latent_plan import PlanEncoder
+
+    model, tokenizer, ids = tiny
+    d = model.config.hidden_size
+    plans = PlanEncoder(d, d_plan=4, window=3)
+
+    def play(**kw):
+        return rollout(model, tokenizer, ids, "GoToLocal", 5, torch.Generator().manual_seed(3), max_steps=6, **kw)
+
+    base, zero = play(), play(plans=plans)  # zero-initialised output: exactly the planner without plans
+    assert zero.actions == base.actions and zero.logp == base.logp
+    torch.manual_seed(1)
+    torch.nn.init.normal_(plans.out.weight, std=0.5)
+    kept, fresh = play(plans=plans), play(plans=plans, reuse=False)
+    assert kept.actions == fresh.actions
+    torch.testing.assert_close(torch.tensor(kept.logp), torch.tensor(fresh.logp), atol=1e-5, rtol=0)
+    assert kept.logp != base.logp  # the plan does move the policy
+    assert kept.reused_tokens[1:] == kept.prompt_tokens[:-1]  # every earlier token still served from the session
+    with torch.no_grad():
+        logp, _, _, z = score_episode(model, ValueHead(d, 8), kept, ids, 1.0, plans)
+    taken = logp.gather(-1, torch.tensor(kept.actions)[:, None]).squeeze(-1)
+    torch.testing.assert_close(taken, torch.tensor(kept.logp), atol=1e-5, rtol=0)  # ratio 1 before any update
+    assert z.shape == (kept.steps, 4)
+
+
+def test_a_run_with_latent_plans_trains_the_encoder_and_exports_it(tiny_planner_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    recipe = dataclasses.replace(TINY, latent_plans=True, plan_dim=4, plan_window=2)
+    out = train_planner_rl(tiny_planner_dir, tmp_path / "out", tmp_path / "run", recipe, progress=False)
+    enc = load_file(str(out / "plan_encoder.safetensors"))
+    assert float(enc["out.weight"].abs().sum()) > 0  # moved from its zero start

@@ -174,6 +174,8 @@ def train_planner_rl_cmd(
     replay: Optional[str] = typer.Option(None, help="none | surprise (EchoRL's prioritized hot/cold replay) | "
                                                    "uniform (the ablation)"),
     replay_episodes: Optional[int] = typer.Option(None, min=1, help="replayed episodes per update (with replay)"),
+    latent_plans: bool = typer.Option(False, help="a trajectory encoder's plan as a soft prompt on each "
+                                                  "observation (EchoRL's latent plans)"),
     rollout_reuse: bool = typer.Option(True, help="rollouts through exact prefix reuse (--no-rollout-reuse: "
                                                   "every decision recomputes its context, the bandwidth baseline)"),
     seed: int = typer.Option(0, help="seed of the sampling and the minibatches"),
@@ -192,7 +194,8 @@ def train_planner_rl_cmd(
     changes = {k: v for k, v in {"iterations": iterations, "episodes_per_iteration": episodes, "lr": lr,
                                  "kl_coef": kl_coef, "entropy_coef": entropy_coef, "temperature": temperature,
                                  "val_episodes": val_episodes, "replay": replay, "replay_episodes": replay_episodes,
-                                 "rollout_reuse": rollout_reuse}.items() if v is not None}
+                                 "rollout_reuse": rollout_reuse, "latent_plans": latent_plans}.items()
+               if v is not None}
     try:
         if levels:
             changes["levels"] = tuple(lv.strip() for lv in levels.split(",") if lv.strip())

@@ -153,6 +153,7 @@ class Session:
         layer_hook: LayerHook | None = None,
         exit_hook: ExitHook | None = None,
         propagate_on_exit: bool = False,
+        embed_delta: dict[int, torch.Tensor] | None = None,
         _rows: int = 1,
     ) -> ExtendResult:
         """Append tokens ids [q] (or [1, q]) at positions next_position..next_position+q-1.
@@ -167,6 +168,9 @@ class Session:
         pruned at l), no logits are computed and `result.exited_after` is l. With `propagate_on_exit`, the deeper
         layers get keys and values computed from the exit's hidden states instead (CALM's state propagation,
         `HFDecoder.layer_kv`; `result.propagated` counts the (layer, token) pairs).
+
+        `embed_delta` {i: vector [d]} adds a vector to the input embedding of new token i (a soft prompt, e.g. a
+        latent plan): everything the session keeps for that token is computed from the shifted embedding.
         """
         if logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
@@ -186,6 +190,10 @@ class Session:
         exited_after, propagated = None, 0
         with torch.no_grad():
             h = bb.embed(ids_t[None])
+            for i, vec in (embed_delta or {}).items():
+                if not 0 <= i < q:
+                    raise ValueError(f"embed_delta index {i} is outside the {q} new tokens")
+                h[0, i] += vec.to(h.dtype)
             pe = bb.rotary(h, pos)
             for l in range(bb.n_layers):
                 if pos.numel() == 0:

@@ -80,6 +80,8 @@ class Episode:
     """per decision: the context's length t (the prompt EchoRL's b(t) prices)"""
     reused_tokens: list[int] = field(default_factory=list)
     """per decision: the tokens whose keys and values came from the kept session (t')"""
+    obs_spans: list[tuple[int, int]] = field(default_factory=list)
+    """per decision: the current observation's span (start, end) in `ids` (where a latent plan is injected)"""
     old_values: torch.Tensor | None = None
     bc_logp: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -95,32 +97,50 @@ def action_log_probs(logits: torch.Tensor, action_ids: torch.Tensor, temperature
     return torch.log_softmax(logits[..., action_ids] / temperature, -1)
 
 
+def _check_plans(backbone) -> None:
+    if getattr(backbone, "_embed_mult", None) is not None:
+        raise PlannerRLError("latent plans are added to input embeddings, and this model family scales them "
+                             "(an embedding multiplier): not supported; train without latent plans")
+
+
 @torch.no_grad()
 def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, gen: torch.Generator,
-            max_steps: int, temperature: float = 1.0, greedy: bool = False, reuse: bool = True) -> Episode:
+            max_steps: int, temperature: float = 1.0, greedy: bool = False, reuse: bool = True,
+            plans=None) -> Episode:
     """Play one episode, sampling each action from pi (argmax with `greedy`), through one kept session (exact
     prefix reuse: each decision runs only the tokens appended since the previous one), or with `reuse=False`
-    recomputing the whole context at every decision (the baseline of EchoRL's bandwidth comparison)."""
+    recomputing the whole context at every decision (the baseline of EchoRL's bandwidth comparison). `plans` (a
+    `thrifty.train.latent_plan.PlanEncoder`) adds each observation's latent plan to its first token's embedding,
+    computed when the observation arrives and fixed from then on."""
     from thrifty.agents.planner import PlannerContext
     from thrifty.backbones import HFDecoder
     from thrifty.envs.babyai_text import BabyAITextEnv
     from thrifty.runtime import Session
+    from thrifty.train.latent_plan import observation_embeddings
 
     env = BabyAITextEnv(level, max_steps=max_steps)
     obs, info = env.reset(seed=seed)
     ctx = PlannerContext(tokenizer)
     ctx.start(info["mission"])
     backbone = HFDecoder.from_model(model)
+    if plans is not None:
+        _check_plans(backbone)
     session, fed = Session(backbone), 0
-    positions, actions, logps, prompt, reused = [], [], [], [], []
+    positions, actions, logps, prompt, reused, spans, deltas = [], [], [], [], [], [], []
     reward, done, steps = 0.0, False, 0
     while not done:
         ctx.add_observation(obs)
+        spans.append(ctx.spans["observation"])
+        if plans is not None:  # the plan of this observation, from the last k observations' embeddings
+            ids_t = torch.tensor(ctx.ids, dtype=torch.long)
+            window = spans[-plans.window:]
+            deltas.append(plans(observation_embeddings(model, ids_t, window))[1][-1])
         if not reuse:
             session, fed = Session(backbone), 0
         prompt.append(len(ctx.ids))
         reused.append(fed)
-        res = session.extend(ctx.ids[fed:], logits="last")
+        delta = {a - fed: d for (a, _), d in zip(spans, deltas) if a >= fed} if deltas else None
+        res = session.extend(ctx.ids[fed:], logits="last", embed_delta=delta)
         fed = len(ctx.ids)
         logp = action_log_probs(res.logits[-1], action_ids, temperature)
         a = int(logp.argmax()) if greedy else int(torch.multinomial(logp.exp(), 1, generator=gen))
@@ -132,16 +152,27 @@ def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, g
         steps += 1
         done = terminated or truncated
     env.close()
-    return Episode(level, seed, list(ctx.ids), positions, actions, logps, float(reward), steps, prompt, reused)
+    return Episode(level, seed, list(ctx.ids), positions, actions, logps, float(reward), steps, prompt, reused,
+                   spans)
 
 
-def score_episode(model, value_head: ValueHead, ep: Episode, action_ids: torch.Tensor,
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One teacher-forced pass over the episode: (log pi [N, A], V [N], final hidden states [N, d], detached) at
-    its N decisions (grad as the caller set it). The value head reads the final hidden state, detached."""
-    ids = torch.tensor(ep.ids, dtype=torch.long)[None]
-    out = model(input_ids=ids, output_hidden_states=True)
+def score_episode(model, value_head: ValueHead, ep: Episode, action_ids: torch.Tensor, temperature: float,
+                  plans=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One teacher-forced pass over the episode: (log pi [N, A], V [N], final hidden states [N, d], detached, and
+    the latent plans z [N, d_plan] or None) at its N decisions (grad as the caller set it). The value head reads
+    the final hidden state, detached. With `plans`, each observation's first token gets its plan as at acting."""
+    from thrifty.train.latent_plan import observation_embeddings
+
+    ids = torch.tensor(ep.ids, dtype=torch.long)
+    z = None
+    if plans is None:
+        out = model(input_ids=ids[None], output_hidden_states=True)
+    else:
+        z, delta = plans(observation_embeddings(model, ids, ep.obs_spans))
+        starts = torch.tensor([a for a, _ in ep.obs_spans], dtype=torch.long)
+        emb = model.get_input_embeddings()(ids).index_add(0, starts, delta)
+        out = model(inputs_embeds=emb[None], output_hidden_states=True)
     pos = torch.tensor(ep.positions, dtype=torch.long)
     logp = action_log_probs(out.logits[0, pos], action_ids, temperature)
     hidden = out.hidden_states[-1][0, pos].detach()
-    return logp, value_head(hidden), hidden
+    return logp, value_head(hidden), hidden, z

@@ -7,9 +7,6 @@ is always 1: ../shared/research/seed-erecap-echorl.md, B). Here, in thrifty's ow
 - **The policy** is the planner's distribution over the level's action words at the decision prompt:
   pi(a | context) = softmax(logits[action tokens] / T), each action word being one token (" left", ...), the token
   greedy decoding emits first. Acting and learning use the same distribution.
-The policy, rollouts and episode scoring are `thrifty.train.planner_policy`; GAE and the objective
-`thrifty.train.ppo`; the replay `thrifty.train.replay`. This module is the run.
-
 - **Rollouts** run in closed loop through exact prefix reuse: one kept `Session` per episode, each decision extends
   it by the tokens appended since the last one (the action taken, the new observation, the prompt), so a decision
   costs its new tokens only. The behaviour log-probability of every sampled action is stored at acting time.
@@ -24,6 +21,11 @@ The policy, rollouts and episode scoring are `thrifty.train.planner_policy`; GAE
   BC start already succeeds often enough for the sparse reward to carry signal, and a shaped reward would change
   which behaviour is optimal.
 
+- **Replay** (optional): stored episodes join the update through their behaviour log-probabilities (the clipped
+  ratio is the off-policy correction), weighted by the prioritized sampler's importance weights.
+
+The policy, rollouts and episode scoring are `thrifty.train.planner_policy`; GAE and the objective
+`thrifty.train.ppo`; the replay `thrifty.train.replay`. This module is the run.
 Resumable (`run_dir/ckpt.pt`, atomic; a run with another recipe is refused), metrics with fixed names one JSON line
 per iteration (`run_dir/metrics.jsonl`), plotted against environment steps and wall time (`plot_metrics`).
 """
@@ -44,6 +46,7 @@ from torch import nn
 from thrifty.envs.seeds import train_seed
 from thrifty.train.planner_policy import (Episode, PlannerRLError, ValueHead, action_log_probs, action_token_ids,
                                           load_planner_for_rl, rollout, score_episode)
+from thrifty.train.latent_plan import PlanEncoder, smoothing
 from thrifty.train.ppo import LossTerms, gae, ppo_loss
 
 METRICS = ("iteration", "episodes", "env_steps", "decisions", "wall_s", "success", "return_mean", "policy_loss",
@@ -91,6 +94,14 @@ class PPORecipe:
     replay_capacity: int = 128
     hot_fraction: float = 0.5
     age_hot: int = 2
+    latent_plans: bool = False
+    """a trajectory encoder's plan vector as a soft prompt on each observation's first token
+    (`thrifty.train.latent_plan`); off is the ablation"""
+    plan_dim: int = 32
+    plan_window: int = 4
+    plan_smooth: float = 0.1
+    """weight of the temporal smoothing term (itself of order 1)"""
+    plan_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.replay not in REPLAY_MODES:
@@ -141,16 +152,17 @@ def make_replay(recipe: PPORecipe):
 
 
 def _save(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Generator, state: RunState,
-          source: str, replay) -> None:
+          source: str, replay, plans) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe), "source": source, "replay": replay,
+                "plans": None if plans is None else plans.state_dict(),
                 "model": model.state_dict(), "value_head": value_head.state_dict(), "opt": opt.state_dict(),
                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "state": asdict(state)}, tmp)
     tmp.replace(path)
 
 
-def _resume(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Generator,
-            source: str) -> tuple[RunState, tuple | None]:
+def _resume(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Generator, source: str,
+            plans=None) -> tuple[RunState, tuple | None]:
     if not path.exists():
         return RunState(), None
     ck = torch.load(path, weights_only=False)
@@ -163,18 +175,20 @@ def _resume(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Ge
                              "resume it with the same settings, or pass another --run-dir to start a new run")
     model.load_state_dict(ck["model"])
     value_head.load_state_dict(ck["value_head"])
+    if plans is not None:
+        plans.load_state_dict(ck["plans"])
     opt.load_state_dict(ck["opt"])
     gen.set_state(ck["gen"])
     torch.set_rng_state(ck["torch_rng"])
     return RunState(**ck["state"]), ck["replay"]
 
 
-def validate(model, tokenizer, action_ids, recipe: PPORecipe, episodes: int | None = None) -> float:
+def validate(model, tokenizer, action_ids, recipe: PPORecipe, episodes: int | None = None, plans=None) -> float:
     """Greedy success over the recipe's validation seeds (training seeds the rollouts never use), all levels."""
     gen = torch.Generator().manual_seed(0)
     n = episodes or recipe.val_episodes
     wins = [rollout(model, tokenizer, action_ids, lv, recipe.val_seed(i), gen, recipe.max_steps,
-                    recipe.temperature, greedy=True).success for lv in recipe.levels for i in range(n)]
+                    recipe.temperature, greedy=True, plans=plans).success for lv in recipe.levels for i in range(n)]
     return sum(wins) / len(wins)
 
 
@@ -205,26 +219,27 @@ def rollout_bandwidth(fresh: list[Episode], batch: list[Episode], recipe: PPORec
 
 
 @torch.no_grad()
-def prepare(batch: list[Episode], model, reference, value_head, action_ids, recipe: PPORecipe) -> list[np.ndarray]:
+def prepare(batch: list[Episode], model, reference, value_head, action_ids, recipe: PPORecipe,
+            plans=None) -> list[np.ndarray]:
     """Per episode, with the current weights: the values, GAE advantages and returns (recomputed for replayed
     episodes too: their advantages are the current critic's), the BC reference's log-probs (once per episode);
     returns each episode's plan vector for the replay's surprise score (the mean final hidden state of its
     decisions, until latent plans stand in for it)."""
-    plans = []
+    vectors = []
     for ep in batch:
-        _, ep.old_values, hidden = score_episode(model, value_head, ep, action_ids, recipe.temperature)
+        _, ep.old_values, hidden, _ = score_episode(model, value_head, ep, action_ids, recipe.temperature, plans)
         if ep.bc_logp is None:
             ep.bc_logp = action_log_probs(reference(input_ids=torch.tensor(ep.ids)[None]).logits[0, ep.positions],
                                           action_ids, recipe.temperature)
         rewards = torch.zeros(len(ep.actions))
         rewards[-1] = ep.reward
         ep.advantages, ep.returns = gae(rewards, ep.old_values, recipe.gamma, recipe.lam)
-        plans.append(hidden.mean(0).numpy())
-    return plans
+        vectors.append(hidden.mean(0).numpy())
+    return vectors
 
 
 def update(batch: list[Episode], weights: list[float], model, value_head, opt, action_ids, recipe: PPORecipe,
-           iteration: int) -> list[tuple[int, LossTerms]]:
+           iteration: int, plans=None) -> list[tuple[int, LossTerms]]:
     """`epochs` passes over the batch in minibatches of episodes, one teacher-forced pass per episode. The ratio
     is always against the behaviour log-probabilities stored at acting time, so a replayed episode's clipped
     ratio is its off-policy correction; its loss is also scaled by its prioritized-sampling importance weight."""
@@ -233,7 +248,7 @@ def update(batch: list[Episode], weights: list[float], model, value_head, opt, a
     terms = []
     model.train()
     order = torch.Generator().manual_seed(recipe.seed * 100_003 + iteration)
-    params = list(model.parameters()) + list(value_head.parameters())
+    params = [*model.parameters(), *value_head.parameters(), *(plans.parameters() if plans is not None else ())]
     for _ in range(recipe.epochs):
         perm = torch.randperm(len(batch), generator=order).tolist()
         for k in range(0, len(perm), recipe.minibatch_episodes):
@@ -242,10 +257,11 @@ def update(batch: list[Episode], weights: list[float], model, value_head, opt, a
             n_dec = sum(len(batch[x].actions) for x in chunk)
             for x in chunk:  # the loss weighted by the episode's decisions (a mean over the minibatch's decisions)
                 ep = batch[x]
-                logp, values, _ = score_episode(model, value_head, ep, action_ids, recipe.temperature)
+                logp, values, _, z = score_episode(model, value_head, ep, action_ids, recipe.temperature, plans)
                 t = ppo_loss(logp, values, torch.tensor(ep.actions), torch.tensor(ep.logp),
                              (ep.advantages - mean) / (std + 1e-8), ep.returns, ep.bc_logp, recipe)
-                (t.total * weights[x] * len(ep.actions) / n_dec).backward()
+                total = t.total if z is None else t.total + recipe.plan_smooth * smoothing(z)
+                (total * weights[x] * len(ep.actions) / n_dec).backward()
                 terms.append((len(ep.actions), t))
             nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             opt.step()
@@ -266,20 +282,24 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
     action_ids = action_token_ids(tokenizer)
     torch.manual_seed(recipe.seed)
     value_head = ValueHead(model.config.hidden_size, recipe.value_hidden)
-    opt = torch.optim.Adam([{"params": model.parameters(), "lr": recipe.lr},
-                            {"params": value_head.parameters(), "lr": recipe.value_lr}])
+    plans = PlanEncoder(model.config.hidden_size, recipe.plan_dim, recipe.plan_window) if recipe.latent_plans else None
+    groups = [{"params": model.parameters(), "lr": recipe.lr},
+              {"params": value_head.parameters(), "lr": recipe.value_lr}]
+    if plans is not None:
+        groups.append({"params": plans.parameters(), "lr": recipe.plan_lr})
+    opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(recipe.seed)
     source = str(Path(model_dir).resolve())
     buffer = make_replay(recipe)
     replay_rng = np.random.default_rng(recipe.seed)
-    state, saved = _resume(run / "ckpt.pt", recipe, model, value_head, opt, gen, source)
+    state, saved = _resume(run / "ckpt.pt", recipe, model, value_head, opt, gen, source, plans)
     if saved is not None:
         buffer, replay_rng = saved
     metrics_path = run / "metrics.jsonl"
     if state.iteration == 0:
         metrics_path.write_text("")
         model.eval()
-        v0 = validate(model, tokenizer, action_ids, recipe)
+        v0 = validate(model, tokenizer, action_ids, recipe, plans=plans)
         state.metrics.append({k: None for k in METRICS} | {"iteration": 0, "episodes": 0, "env_steps": 0,
                                                             "decisions": 0, "wall_s": 0.0, "val_success": v0})
         _append(metrics_path, state.metrics[-1])
@@ -296,7 +316,7 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
             i = state.episodes + j
             level = recipe.levels[i % len(recipe.levels)]
             fresh.append(rollout(model, tokenizer, action_ids, level, recipe.rollout_seed(i), gen,
-                                 recipe.max_steps, recipe.temperature, reuse=recipe.rollout_reuse))
+                                 recipe.max_steps, recipe.temperature, reuse=recipe.rollout_reuse, plans=plans))
         rollout_s = time.time() - t0
         replayed, weights = [], [1.0] * len(fresh)
         if buffer is not None and len(buffer):
@@ -304,12 +324,12 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
             replayed = list(drawn.items)
             weights += drawn.weights.tolist()
         batch = fresh + replayed
-        plans = prepare(batch, model, reference, value_head, action_ids, recipe)
+        vectors = prepare(batch, model, reference, value_head, action_ids, recipe, plans)
         t1 = time.time()
-        terms = update(batch, weights, model, value_head, opt, action_ids, recipe, state.iteration)
+        terms = update(batch, weights, model, value_head, opt, action_ids, recipe, state.iteration, plans)
         update_s = time.time() - t1
         if buffer is not None:  # this iteration's episodes enter the buffer after the update, scored by surprise
-            for ep, plan in zip(fresh, plans[:len(fresh)]):
+            for ep, plan in zip(fresh, vectors[:len(fresh)]):
                 buffer.add(ep, plan, ep.reward)
             buffer.tick()
         state.iteration += 1
@@ -327,13 +347,13 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
                **rollout_bandwidth(fresh, batch, recipe, shape), "val_success": None}
         if state.iteration % recipe.val_every == 0 or state.iteration == recipe.iterations:
             model.eval()
-            row["val_success"] = validate(model, tokenizer, action_ids, recipe)
+            row["val_success"] = validate(model, tokenizer, action_ids, recipe, plans=plans)
         state.metrics.append(row)
         _append(metrics_path, row)
-        _save(run / "ckpt.pt", recipe, model, value_head, opt, gen, state, source, (buffer, replay_rng))
+        _save(run / "ckpt.pt", recipe, model, value_head, opt, gen, state, source, (buffer, replay_rng), plans)
         bar(state.iteration, row)
     bar.close()
-    return export(model, tokenizer, value_head, out, recipe, state, model_dir, command)
+    return export(model, tokenizer, value_head, out, recipe, state, model_dir, command, plans)
 
 
 def _append(path: Path, row: dict) -> None:
@@ -366,8 +386,9 @@ class Bar:
 
 
 def export(model, tokenizer, value_head, out: str | Path, recipe: PPORecipe, state: RunState, source,
-           command: str) -> Path:
-    """The trained planner as a model directory (safetensors + tokenizer + card.json), the value head beside it."""
+           command: str, plans=None) -> Path:
+    """The trained planner as a model directory (safetensors + tokenizer + card.json), the value head (and the
+    plan encoder, which the planner then needs at acting time) beside it."""
     from safetensors.torch import save_file
 
     p = Path(out)
@@ -375,6 +396,8 @@ def export(model, tokenizer, value_head, out: str | Path, recipe: PPORecipe, sta
     model.save_pretrained(p)
     tokenizer.save_pretrained(p)
     save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(p / "value_head.safetensors"))
+    if plans is not None:
+        save_file({k: v.contiguous() for k, v in plans.state_dict().items()}, str(p / "plan_encoder.safetensors"))
     card = {"name": "thrifty BabyAI-Text planner, PPO from behaviour cloning", "command": command,
             "start_model": str(source), "recipe": asdict(recipe), "iterations": state.iteration,
             "episodes": state.episodes, "env_steps": state.env_steps, "train_seconds": round(state.wall_s, 1),
