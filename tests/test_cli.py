@@ -229,3 +229,16 @@ def test_train_coop_pruner_refuses_closed_loop_team_sizes_out_of_range(tmp_path)
     r = runner.invoke(app, ["train", "coop-pruner", "--closed-loop-sizes", "4,9", "--run-dir", str(tmp_path / "run")])
     assert r.exit_code == 2 and "--closed-loop-sizes must be team sizes in 2..8" in r.output
     assert not (tmp_path / "run").exists()  # refused before any transcript is written
+
+
+def test_config_picks_planner_suite_configurations_and_keeps_the_reference(tmp_path, tiny_planner_dir,
+                                                                          tiny_exit_head_dir):
+    r = runner.invoke(app, ["bench", "exits", "--config", "nosuch", "--model", str(tiny_planner_dir)])
+    assert r.exit_code == 2 and "no configuration ['nosuch']" in r.output and "prefix_reuse" in r.output
+    out = tmp_path / "exits.jsonl"
+    r = runner.invoke(app, ["bench", "exits", "--config", "reuse+exit r=1 propagate", "--model", str(tiny_planner_dir),
+                            "--exit-head", str(tiny_exit_head_dir), "--episodes", "1", "--level", "GoToLocal",
+                            "--max-steps", "3", "--threads", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()[1:]]
+    assert [x["config"] for x in rows] == ["prefix_reuse", "reuse+exit r=1 propagate"]

@@ -125,8 +125,8 @@ DEMO_EXIT = {"exit_ratio": 1.0, "deep_kv": "propagate"}
 success within its interval of the full planner's in the `exits` suite (docs/planner_exits.md)."""
 
 RANDOM_EXIT_DEPTHS = (2.52, 4.07, 5.47)
-"""Mean layers per decision that r=0.3, r=1 and r=3 with propagation realised in the `exits` suite (docs/planner_exits.md):
-the random-exit baseline is drawn at the same depths."""
+"""Mean layers per decision that r=0.3, r=1 and r=3 with propagation realised in the `exits` suite
+(docs/planner_exits.md): the random-exit baseline is drawn at the same depths."""
 
 PRUNING_KEEP = 0.6
 """The demo's keep setting: E-RECAP's compounding keep ratio at which the shipped planner's prefill does ~61% of the

@@ -36,8 +36,8 @@ def bench(
     policy: Optional[Path] = typer.Option(None, help="policy suites: BC policy directory, or for lram a directory "
                                                      "holding action_model_ARCH (default: the shipped ones)"),
     task: Optional[list[str]] = typer.Option(None, help="policy suites: restrict to these tasks or task sets"),
-    config: Optional[list[str]] = typer.Option(None, help="run only these configurations (repeatable; a planner suite keeps "
-                                                             "its reference, which the others are paired with)"),
+    config: Optional[list[str]] = typer.Option(None, help="run only these configurations (repeatable; a planner "
+                                                             "suite keeps its reference, for the pairing)"),
     schedule: Optional[str] = typer.Option(None, help="with --ray: stateful workers keeping their caches, jobs "
                                                       "ordered by `bandwidth` (EchoRL's priority against each "
                                                       "worker's cache), `fifo` or `random` (docs/scheduling.md)"),
