@@ -196,3 +196,22 @@ def test_a_run_with_latent_plans_trains_the_encoder_and_exports_it(tiny_planner_
     out = train_planner_rl(tiny_planner_dir, tmp_path / "out", tmp_path / "run", recipe, progress=False)
     enc = load_file(str(out / "plan_encoder.safetensors"))
     assert float(enc["out.weight"].abs().sum()) > 0  # moved from its zero start
+
+
+@pytest.mark.own_process
+def test_ray_rollout_actors_play_the_same_episodes_as_in_process(tiny, tiny_planner_dir):
+    from thrifty.train.rollout_workers import InProcessRollouts, RayRollouts, RolloutJob
+
+    model, tokenizer, ids = tiny
+    recipe = dataclasses.asdict(dataclasses.replace(TINY, max_steps=4))
+    jobs = [RolloutJob(i, "GoToLocal", 100 + i) for i in range(4)]
+    local = InProcessRollouts(model, tokenizer, ids, recipe).run(jobs)
+    workers = RayRollouts(2, tiny_planner_dir, recipe, model)
+    try:
+        remote = workers.run(jobs)
+    finally:
+        workers.close()
+    assert [e.actions for e in remote] == [e.actions for e in local]
+    assert [e.seed for e in remote] == [100, 101, 102, 103]
+    for a, b in zip(remote, local):
+        torch.testing.assert_close(torch.tensor(a.logp), torch.tensor(b.logp), atol=1e-5, rtol=0)

@@ -174,6 +174,7 @@ def train_planner_rl_cmd(
     replay: Optional[str] = typer.Option(None, help="none | surprise (EchoRL's prioritized hot/cold replay) | "
                                                    "uniform (the ablation)"),
     replay_episodes: Optional[int] = typer.Option(None, min=1, help="replayed episodes per update (with replay)"),
+    rollout_workers: int = typer.Option(0, min=0, help="Ray rollout actors (0: rollouts in this process)"),
     latent_plans: bool = typer.Option(False, help="a trajectory encoder's plan as a soft prompt on each "
                                                   "observation (EchoRL's latent plans)"),
     rollout_reuse: bool = typer.Option(True, help="rollouts through exact prefix reuse (--no-rollout-reuse: "
@@ -194,7 +195,8 @@ def train_planner_rl_cmd(
     changes = {k: v for k, v in {"iterations": iterations, "episodes_per_iteration": episodes, "lr": lr,
                                  "kl_coef": kl_coef, "entropy_coef": entropy_coef, "temperature": temperature,
                                  "val_episodes": val_episodes, "replay": replay, "replay_episodes": replay_episodes,
-                                 "rollout_reuse": rollout_reuse, "latent_plans": latent_plans}.items()
+                                 "rollout_reuse": rollout_reuse, "latent_plans": latent_plans,
+                                 "rollout_workers": rollout_workers}.items()
                if v is not None}
     try:
         if levels:

@@ -48,6 +48,7 @@ from thrifty.train.planner_policy import (Episode, PlannerRLError, ValueHead, ac
                                           load_planner_for_rl, rollout, score_episode)
 from thrifty.train.latent_plan import PlanEncoder, smoothing
 from thrifty.train.ppo import LossTerms, gae, ppo_loss
+from thrifty.train.rollout_workers import InProcessRollouts, RayRollouts, RolloutJob
 
 METRICS = ("iteration", "episodes", "env_steps", "decisions", "wall_s", "success", "return_mean", "policy_loss",
            "value_loss", "entropy", "kl_bc", "approx_kl", "clip_fraction", "replayed", "replay_size", "rollout_s",
@@ -102,12 +103,17 @@ class PPORecipe:
     plan_smooth: float = 0.1
     """weight of the temporal smoothing term (itself of order 1)"""
     plan_lr: float = 1e-3
+    rollout_workers: int = 0
+    """0: rollouts in the learner's process; n: n Ray actors (one CPU each), the weights broadcast per iteration;
+    the episodes are the same either way (each draws from its own generator)"""
 
     def __post_init__(self) -> None:
         if self.replay not in REPLAY_MODES:
             raise PlannerRLError(f"replay must be one of {REPLAY_MODES}, got {self.replay!r}")
         if not self.levels:
             raise PlannerRLError("the recipe needs at least one level")
+        if not isinstance(self.rollout_workers, int) or self.rollout_workers < 0:
+            raise PlannerRLError(f"rollout_workers must be an integer >= 0, got {self.rollout_workers!r}")
         for name in ("iterations", "episodes_per_iteration", "minibatch_episodes", "epochs", "max_steps",
                      "val_every", "threads", "value_hidden"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -151,17 +157,17 @@ def make_replay(recipe: PPORecipe):
                                        prioritized=recipe.replay == "surprise"))
 
 
-def _save(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Generator, state: RunState,
-          source: str, replay, plans) -> None:
+def _save(path: Path, recipe: PPORecipe, model, value_head, opt, state: RunState, source: str, replay,
+          plans) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe), "source": source, "replay": replay,
                 "plans": None if plans is None else plans.state_dict(),
                 "model": model.state_dict(), "value_head": value_head.state_dict(), "opt": opt.state_dict(),
-                "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "state": asdict(state)}, tmp)
+                "torch_rng": torch.get_rng_state(), "state": asdict(state)}, tmp)
     tmp.replace(path)
 
 
-def _resume(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Generator, source: str,
+def _resume(path: Path, recipe: PPORecipe, model, value_head, opt, source: str,
             plans=None) -> tuple[RunState, tuple | None]:
     if not path.exists():
         return RunState(), None
@@ -178,7 +184,6 @@ def _resume(path: Path, recipe: PPORecipe, model, value_head, opt, gen: torch.Ge
     if plans is not None:
         plans.load_state_dict(ck["plans"])
     opt.load_state_dict(ck["opt"])
-    gen.set_state(ck["gen"])
     torch.set_rng_state(ck["torch_rng"])
     return RunState(**ck["state"]), ck["replay"]
 
@@ -288,11 +293,10 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
     if plans is not None:
         groups.append({"params": plans.parameters(), "lr": recipe.plan_lr})
     opt = torch.optim.Adam(groups)
-    gen = torch.Generator().manual_seed(recipe.seed)
     source = str(Path(model_dir).resolve())
     buffer = make_replay(recipe)
     replay_rng = np.random.default_rng(recipe.seed)
-    state, saved = _resume(run / "ckpt.pt", recipe, model, value_head, opt, gen, source, plans)
+    state, saved = _resume(run / "ckpt.pt", recipe, model, value_head, opt, source, plans)
     if saved is not None:
         buffer, replay_rng = saved
     metrics_path = run / "metrics.jsonl"
@@ -306,17 +310,17 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
     from thrifty.backbones import HFDecoder
 
     shape = HFDecoder.from_model(model).shape
+    if recipe.rollout_workers:
+        workers = RayRollouts(recipe.rollout_workers, model_dir, asdict(recipe), model, plans)
+    else:
+        workers = InProcessRollouts(model, tokenizer, action_ids, asdict(recipe), plans)
     last = min(stop_at or recipe.iterations, recipe.iterations)
     bar = Bar(progress, last, state.iteration)
     while state.iteration < last:
         t0 = time.time()
         model.eval()
-        fresh = []
-        for j in range(recipe.episodes_per_iteration):
-            i = state.episodes + j
-            level = recipe.levels[i % len(recipe.levels)]
-            fresh.append(rollout(model, tokenizer, action_ids, level, recipe.rollout_seed(i), gen,
-                                 recipe.max_steps, recipe.temperature, reuse=recipe.rollout_reuse, plans=plans))
+        fresh = workers.run([RolloutJob(i, recipe.levels[i % len(recipe.levels)], recipe.rollout_seed(i))
+                             for i in range(state.episodes, state.episodes + recipe.episodes_per_iteration)])
         rollout_s = time.time() - t0
         replayed, weights = [], [1.0] * len(fresh)
         if buffer is not None and len(buffer):
@@ -350,9 +354,10 @@ def train_planner_rl(model_dir: str | Path, out: str | Path, run_dir: str | Path
             row["val_success"] = validate(model, tokenizer, action_ids, recipe, plans=plans)
         state.metrics.append(row)
         _append(metrics_path, row)
-        _save(run / "ckpt.pt", recipe, model, value_head, opt, gen, state, source, (buffer, replay_rng), plans)
+        _save(run / "ckpt.pt", recipe, model, value_head, opt, state, source, (buffer, replay_rng), plans)
         bar(state.iteration, row)
     bar.close()
+    workers.close()
     return export(model, tokenizer, value_head, out, recipe, state, model_dir, command, plans)
 
 
