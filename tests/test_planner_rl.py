@@ -215,3 +215,27 @@ def test_ray_rollout_actors_play_the_same_episodes_as_in_process(tiny, tiny_plan
     assert [e.seed for e in remote] == [100, 101, 102, 103]
     for a, b in zip(remote, local):
         torch.testing.assert_close(torch.tensor(a.logp), torch.tensor(b.logp), atol=1e-5, rtol=0)
+
+
+def test_potential_shaping_telescopes_and_follows_the_distance(tiny):
+    from thrifty.train.planner_rl import shaping_terms
+
+    model, tokenizer, ids = tiny
+    ep = rollout(model, tokenizer, ids, "GoToLocal", 5, torch.Generator().manual_seed(3), max_steps=6)
+    assert len(ep.goal_distance) == ep.steps + 1 and all(d is not None for d in ep.goal_distance)
+    f = shaping_terms(ep, 1.0)  # gamma 1: the terms sum to Phi(end) - Phi(start)
+    end = 0.0 if ep.terminated else -ep.goal_distance[-1]
+    assert float(f.sum()) == pytest.approx(end + ep.goal_distance[0])
+    assert [float(x) for x in f] == [float(a - b) for a, b in zip(ep.goal_distance[:-1], ep.goal_distance[1:])] \
+        or ep.terminated
+    from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv
+
+    env = BabyAITextEnv("GoToLocal")
+    env.reset(seed=3)
+    d = [env.goal_distance()]
+    done = False
+    while not done:  # the expert walks straight to the object: the distance never grows and ends at 0
+        _, r, term, trunc, _ = env.step(ACTIONS.index(env.expert_action()))
+        d.append(env.goal_distance())
+        done = term or trunc
+    assert r > 0 and d[-1] == 0 and all(b <= a for a, b in zip(d, d[1:]))

@@ -174,6 +174,8 @@ def train_planner_rl_cmd(
     replay: Optional[str] = typer.Option(None, help="none | surprise (EchoRL's prioritized hot/cold replay) | "
                                                    "uniform (the ablation)"),
     replay_episodes: Optional[int] = typer.Option(None, min=1, help="replayed episodes per update (with replay)"),
+    shaping: Optional[float] = typer.Option(None, min=0, help="weight of the potential-based shaping (approach the "
+                                                             "mission's object), 0 = the level's reward alone"),
     rollout_workers: int = typer.Option(0, min=0, help="Ray rollout actors (0: rollouts in this process)"),
     latent_plans: bool = typer.Option(False, help="a trajectory encoder's plan as a soft prompt on each "
                                                   "observation (EchoRL's latent plans)"),
@@ -196,7 +198,7 @@ def train_planner_rl_cmd(
                                  "kl_coef": kl_coef, "entropy_coef": entropy_coef, "temperature": temperature,
                                  "val_episodes": val_episodes, "replay": replay, "replay_episodes": replay_episodes,
                                  "rollout_reuse": rollout_reuse, "latent_plans": latent_plans,
-                                 "rollout_workers": rollout_workers}.items()
+                                 "rollout_workers": rollout_workers, "shaping": shaping}.items()
                if v is not None}
     try:
         if levels:

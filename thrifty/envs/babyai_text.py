@@ -255,6 +255,42 @@ class BabyAITextEnv(gym.Env):
         self.expert_action()
         return isinstance(self._bot, (MemoryExpert, VariedMemoryExpert)) and self._bot.cue_seen
 
+    def goal_distance(self) -> int | None:
+        """Steps of the shortest 4-connected path from the agent to a cell beside the object the mission's current
+        stage names (GoTo and Pickup: the described object; PutNext: the object to move, then, once it is
+        carried, the one to put it next to), through cells that are empty or open doors; orientation is ignored.
+        None when the level's instruction is of another kind or no such cell is reachable. The potential of the
+        planner RL's optional reward shaping (`thrifty.train.planner_rl`)."""
+        from collections import deque
+
+        u = self._env.unwrapped
+        instr = getattr(u, "instrs", None)
+        desc = getattr(instr, "desc", None)
+        if desc is None and hasattr(instr, "desc_move"):
+            desc = instr.desc_fixed if u.carrying is not None else instr.desc_move
+        if desc is None:
+            return None
+        _, targets = desc.find_matching_objs(u)
+        goals = {(x + dx, y + dy) for x, y in targets for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))}
+        start = (int(u.agent_pos[0]), int(u.agent_pos[1]))
+
+        def free(x: int, y: int) -> bool:
+            if not (0 <= x < u.grid.width and 0 <= y < u.grid.height):
+                return False
+            cell = u.grid.get(x, y)
+            return cell is None or (cell.type == "door" and cell.is_open) or (x, y) == start
+
+        seen, frontier = {start}, deque([(start, 0)])
+        while frontier:
+            (x, y), d = frontier.popleft()
+            if (x, y) in goals:
+                return d
+            for nx, ny in ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)):
+                if (nx, ny) not in seen and free(nx, ny):
+                    seen.add((nx, ny))
+                    frontier.append(((nx, ny), d + 1))
+        return None
+
     def step(self, action: int):
         if not self.action_space.contains(int(action)):
             raise ValueError(f"action must be an index in [0, {len(ACTIONS)}), got {action!r}")

@@ -82,6 +82,10 @@ class Episode:
     """per decision: the tokens whose keys and values came from the kept session (t')"""
     obs_spans: list[tuple[int, int]] = field(default_factory=list)
     """per decision: the current observation's span (start, end) in `ids` (where a latent plan is injected)"""
+    goal_distance: list[int | None] = field(default_factory=list)
+    """`BabyAITextEnv.goal_distance()` before each decision and after the last (steps + 1 entries)"""
+    terminated: bool = False
+    """the episode ended by the task (success or failure), not by the step limit"""
     old_values: torch.Tensor | None = None
     bc_logp: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -127,7 +131,8 @@ def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, g
         _check_plans(backbone)
     session, fed = Session(backbone), 0
     positions, actions, logps, prompt, reused, spans, deltas = [], [], [], [], [], [], []
-    reward, done, steps = 0.0, False, 0
+    dist = [env.goal_distance()]
+    reward, done, steps, terminated = 0.0, False, 0, False
     while not done:
         ctx.add_observation(obs)
         spans.append(ctx.spans["observation"])
@@ -149,11 +154,12 @@ def rollout(model, tokenizer, action_ids: torch.Tensor, level: str, seed: int, g
         logps.append(float(logp[a]))
         ctx.add_action(ACTIONS[a])
         obs, reward, terminated, truncated, _ = env.step(a)
+        dist.append(env.goal_distance())
         steps += 1
         done = terminated or truncated
     env.close()
     return Episode(level, seed, list(ctx.ids), positions, actions, logps, float(reward), steps, prompt, reused,
-                   spans)
+                   spans, dist, bool(terminated))
 
 
 def score_episode(model, value_head: ValueHead, ep: Episode, action_ids: torch.Tensor, temperature: float,

@@ -103,6 +103,9 @@ class PPORecipe:
     plan_smooth: float = 0.1
     """weight of the temporal smoothing term (itself of order 1)"""
     plan_lr: float = 1e-3
+    shaping: float = 0.0
+    """weight of the potential-based shaping term (Ng et al., 1999) w (gamma Phi(s') - Phi(s)) per decision,
+    Phi = -(steps to the mission's object, `BabyAITextEnv.goal_distance`); 0 = the level's reward alone"""
     rollout_workers: int = 0
     """0: rollouts in the learner's process; n: n Ray actors (one CPU each), the weights broadcast per iteration;
     the episodes are the same either way (each draws from its own generator)"""
@@ -223,6 +226,17 @@ def rollout_bandwidth(fresh: list[Episode], batch: list[Episode], recipe: PPORec
             "eta_bw": bandwidth_efficiency(ret, eff, learner) * 1e9}
 
 
+def shaping_terms(ep: Episode, gamma: float) -> torch.Tensor:
+    """[N] gamma Phi(s_{t+1}) - Phi(s_t) per decision, Phi = -goal distance (0 where it is unknown); the state
+    after a terminating step has Phi = 0 (an absorbing state), after a time-out its own distance (a time limit
+    is not a state of the task). Potential-based, so the optimal policy is unchanged (Ng, Harada & Russell, 1999);
+    it hands each decision credit for approaching the object instead of waiting for the episode's end."""
+    phi = [0.0 if d is None else -float(d) for d in ep.goal_distance]
+    if ep.terminated:
+        phi[-1] = 0.0
+    return torch.tensor([gamma * phi[t + 1] - phi[t] for t in range(len(ep.actions))], dtype=torch.float32)
+
+
 @torch.no_grad()
 def prepare(batch: list[Episode], model, reference, value_head, action_ids, recipe: PPORecipe,
             plans=None) -> list[np.ndarray]:
@@ -238,6 +252,8 @@ def prepare(batch: list[Episode], model, reference, value_head, action_ids, reci
                                           action_ids, recipe.temperature)
         rewards = torch.zeros(len(ep.actions))
         rewards[-1] = ep.reward
+        if recipe.shaping:
+            rewards += recipe.shaping * shaping_terms(ep, recipe.gamma)
         ep.advantages, ep.returns = gae(rewards, ep.old_values, recipe.gamma, recipe.lam)
         vectors.append(hidden.mean(0).numpy())
     return vectors
