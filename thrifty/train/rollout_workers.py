@@ -28,6 +28,16 @@ def episode_generator(run_seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(run_seed * 1_000_003 + index)
 
 
+def play(model, tokenizer, action_ids, recipe: dict, plans, jobs: list[RolloutJob]) -> list:
+    """The jobs' episodes, each from its own generator (what makes the workers interchangeable)."""
+    from thrifty.train.planner_policy import rollout
+
+    model.eval()
+    return [rollout(model, tokenizer, action_ids, j.level, j.seed, episode_generator(recipe["seed"], j.index),
+                    recipe["max_steps"], recipe["temperature"], reuse=recipe["rollout_reuse"], plans=plans)
+            for j in jobs]
+
+
 class RolloutWorker:
     """One actor: a planner copy; `run(weights, jobs)` loads the broadcast weights and plays the jobs."""
 
@@ -50,14 +60,9 @@ class RolloutWorker:
             self.plans.load_state_dict(weights["plans"])
 
     def run(self, weights: dict[str, Any] | None, jobs: list[RolloutJob]) -> list:
-        from thrifty.train.planner_policy import rollout
-
         if weights is not None:
             self.load(weights)
-        r = self.recipe
-        return [rollout(self.model, self.tokenizer, self.action_ids, j.level, j.seed,
-                        episode_generator(r["seed"], j.index), r["max_steps"], r["temperature"],
-                        reuse=r["rollout_reuse"], plans=self.plans) for j in jobs]
+        return play(self.model, self.tokenizer, self.action_ids, self.recipe, self.plans, jobs)
 
 
 class InProcessRollouts:
@@ -68,13 +73,7 @@ class InProcessRollouts:
                                                                                   recipe, plans)
 
     def run(self, jobs: list[RolloutJob]) -> list:
-        from thrifty.train.planner_policy import rollout
-
-        r = self.recipe
-        self.model.eval()
-        return [rollout(self.model, self.tokenizer, self.action_ids, j.level, j.seed,
-                        episode_generator(r["seed"], j.index), r["max_steps"], r["temperature"],
-                        reuse=r["rollout_reuse"], plans=self.plans) for j in jobs]
+        return play(self.model, self.tokenizer, self.action_ids, self.recipe, self.plans, jobs)
 
     def close(self) -> None:
         pass
