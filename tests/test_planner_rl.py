@@ -230,12 +230,16 @@ def test_potential_shaping_telescopes_and_follows_the_distance(tiny):
         or ep.terminated
     from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv
 
-    env = BabyAITextEnv("GoToLocal")
-    env.reset(seed=3)
-    d = [env.goal_distance()]
-    done = False
-    while not done:  # the expert walks straight to the object: the distance never grows and ends at 0
-        _, r, term, trunc, _ = env.step(ACTIONS.index(env.expert_action()))
-        d.append(env.goal_distance())
-        done = term or trunc
-    assert r > 0 and d[-1] == 0 and all(b <= a for a, b in zip(d, d[1:]))
+    for level, seed in (("GoToLocal", 3), ("PickupLoc", 4), ("PickupLoc", 7), ("PutNextLocal", 2)):
+        env = BabyAITextEnv(level)
+        env.reset(seed=seed)
+        d = [env.goal_distance()]
+        done = False
+        while not done:  # reading the distance leaves the expert's mission alone: it still solves the level
+            _, r, term, trunc, _ = env.step(ACTIONS.index(env.expert_action()))
+            d.append(env.goal_distance())
+            done = term or trunc
+        assert r > 0, (level, seed)
+        assert all(x is not None for x in d[:-1])  # (after a pickup ends the episode its object is carried)
+        if level == "GoToLocal":  # the expert walks straight to the object: the distance never grows, ends at 0
+            assert d[-1] == 0 and all(b <= a for a, b in zip(d, d[1:]))

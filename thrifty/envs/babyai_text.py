@@ -270,7 +270,9 @@ class BabyAITextEnv(gym.Env):
             desc = instr.desc_fixed if u.carrying is not None else instr.desc_move
         if desc is None:
             return None
-        _, targets = desc.find_matching_objs(u)
+        # the objects the verifier matched at reset (find_matching_objs would recompute them from the agent's current
+        # pose, and it rewrites the description the expert reads), where they are now
+        targets = [tuple(int(c) for c in o.cur_pos) for o in desc.obj_set if o.cur_pos is not None]
         goals = {(x + dx, y + dy) for x, y in targets for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))}
         start = (int(u.agent_pos[0]), int(u.agent_pos[1]))
 
