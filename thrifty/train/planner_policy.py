@@ -35,14 +35,19 @@ class ValueHead(nn.Module):
 
 
 def action_token_ids(tokenizer) -> torch.Tensor:
-    """[A] the token of each action word in ACTIONS order, as the planner emits it (" word", one token)."""
-    ids = []
-    for a in ACTIONS:
-        enc = tokenizer.encode(f" {a}", add_special_tokens=False)
-        if len(enc) != 1 or tokenizer.encode(f" {a}\n", add_special_tokens=False)[0] != enc[0]:
-            raise PlannerRLError(f"the action {a!r} is not one token for this tokenizer ({enc}); the RL policy is a "
-                                 "distribution over one token per action word")
-        ids.append(enc[0])
+    """[A] the token of each action word in ACTIONS order, as the planner emits it (" word", one token; the exit
+    head's `planner_exits.action_token_ids`), which must also open the action as the transcript writes it."""
+    from thrifty.agents.planner_exits import ExitHeadError
+    from thrifty.agents.planner_exits import action_token_ids as single_tokens
+
+    try:
+        ids = single_tokens(tokenizer, ACTIONS)
+    except ExitHeadError as e:
+        raise PlannerRLError(f"{e} (the RL policy is a distribution over one token per action word)") from e
+    for a, i in zip(ACTIONS, ids):
+        if tokenizer.encode(f" {a}\n", add_special_tokens=False)[0] != i:
+            raise PlannerRLError(f"the transcript's action segment ' {a}\\n' does not start with the token {i} "
+                                 "the planner emits for it")
     return torch.tensor(ids, dtype=torch.long)
 
 
