@@ -1,5 +1,6 @@
-"""MemoryVaried (issue 23): episodes vary in everything but the task, the expert acting on what it has seen solves
-it, a cue-blind expert is at chance, and the cue is the one thing the junction decision needs."""
+"""MemoryVaried and MemoryVariedTyped (issue 23): episodes vary in everything but the task, the expert acting on
+what it has seen solves them, a cue-blind expert is at chance, and the cue is the one thing the junction decision
+needs."""
 
 import random
 
@@ -12,10 +13,14 @@ from thrifty.envs.memory_varied import MEMORY_SIZES, MemoryVariedEnv, UnknownMem
 from thrifty.train.planner import collect_episode
 
 
-def test_the_three_figures_of_docs_memory_level():
+VARIED = ["MemoryVaried", "MemoryVariedTyped"]
+
+
+@pytest.mark.parametrize("level", VARIED)
+def test_the_three_figures_of_docs_memory_level(level):
     """At least 0.9 of 60 evaluation seeds distinct, expert success >= 0.95, the cue-blind expert at chance (its
     95% interval holds 1/2; over 60 seeds it cannot be told from a coin)."""
-    f = measure_memory_level("MemoryVaried", 60)
+    f = measure_memory_level(level, 60)
     assert f["episodes"] == 60 and f["distinct_fraction"] >= 0.9
     assert f["expert_success"] >= 0.95
     lo, hi = f["blind_success_ci95"]
@@ -51,11 +56,12 @@ def test_matching_arm_is_balanced_and_episodes_vary_in_every_factor():
     assert 0.4 <= north / n <= 0.6
 
 
-def test_the_cue_is_the_one_object_of_the_first_observation_and_unseen_until_the_junction():
+@pytest.mark.parametrize("level", VARIED)
+def test_the_cue_is_the_one_object_of_the_first_observation_and_unseen_until_the_junction(level):
     """The first observation names the cue and nothing else; after it, the cue's name is in view only while the
     agent is still in the start room or when the matching junction object is in view."""
     for i in range(30):
-        env = BabyAITextEnv("MemoryVaried")
+        env = BabyAITextEnv(level)
         obs, _ = env.reset(seed=eval_seed(i))
         u = env._env.unwrapped
         name = f"{u.cue[1]} {u.cue[0]}"
@@ -71,18 +77,44 @@ def test_the_cue_is_the_one_object_of_the_first_observation_and_unseen_until_the
         assert reward > 0
 
 
-def test_memory_steps_come_after_the_cue_at_the_junction_and_the_expert_recovers_from_noise():
+@pytest.mark.parametrize("level", VARIED)
+def test_memory_steps_come_after_the_cue_at_the_junction_and_the_expert_recovers_from_noise(level):
     for seed in range(20):
-        ep = collect_episode("MemoryVaried", seed, noise=0.0, rng=random.Random(seed))
+        ep = collect_episode(level, seed, noise=0.0, rng=random.Random(seed))
         assert ep["success"] and ep["cue_step"] == 0 and ep["memory_steps"], seed
-        env = BabyAITextEnv("MemoryVaried")
+        env = BabyAITextEnv(level)
         env.reset(seed=seed)
         for step, action in enumerate(ep["taken"]):
             if step in ep["memory_steps"]:
                 assert env._env.unwrapped.agent_pos[0] >= 5, seed  # past the start room, toward the junction
             env.step(ACTIONS.index(action))
-        noisy = collect_episode("MemoryVaried", seed, noise=0.3, rng=random.Random(seed))
+        noisy = collect_episode(level, seed, noise=0.3, rng=random.Random(seed))
         assert noisy["labels"] and len(noisy["labels"]) <= 96
+
+
+def test_the_typed_junction_is_a_key_north_and_a_ball_south_and_the_cue_picks_one_by_type():
+    """MemoryVariedTyped: the junction always shows one colour's key (north) and ball (south), so it says nothing
+    about the cue; the cue is one of them (balanced), its colour varies, and distractors include keys and balls of
+    other colours but never a junction object's name."""
+    env = gym.make("thrifty/MemoryVariedTyped-v0").unwrapped
+    north, colours, distractor_types, n = 0, set(), set(), 200
+    for i in range(n):
+        env.reset(seed=eval_seed(i))
+        names = [(o.type, o.color) for o in (env.grid.get(*p) for p in env.objects_at)]
+        assert names[0][0] == "key" and names[1][0] == "ball" and names[0][1] == names[1][1]
+        assert env.cue in names and (env.success_pos[1] < env.hallway_row) == (env.cue[0] == "key")
+        for p in env.distractors:
+            obj = env.grid.get(*p)
+            assert (obj.type, obj.color) not in names
+            distractor_types.add(obj.type)
+        north += env.cue[0] == "key"
+        colours.add(env.cue[1])
+    assert 0.4 <= north / n <= 0.6 and len(colours) == 6 and {"key", "ball"} <= distractor_types
+
+
+def test_an_unknown_junction_kind_is_refused():
+    with pytest.raises(ValueError, match="match, typed"):
+        MemoryVariedEnv(junction="fixed")
 
 
 def test_seeds_reproduce():

@@ -82,15 +82,17 @@ class _MemoryRecallEnv(MemoryEnv):
 gym.register("thrifty/MemoryRecallS13-v0", entry_point=_MemoryRecallEnv, kwargs={"size": 13})
 
 MEMORY_LEVELS = {"MemoryS13": "MiniGrid-MemoryS13-v0", "MemoryRecallS13": "thrifty/MemoryRecallS13-v0",
-                 "MemoryVaried": "thrifty/MemoryVaried-v0"}
+                 "MemoryVaried": "thrifty/MemoryVaried-v0", "MemoryVariedTyped": "thrifty/MemoryVariedTyped-v0"}
 """Levels whose decisions need old context: MiniGrid's Memory task (see `thrifty.envs.memory_expert`). Not in
 `LEVELS`, so the BabyAI planner's recipe and suites are unchanged; the `memory` suite and planner use them.
 In MemoryS13 the agent starts anywhere in the hallway and the junction's objects are placed at random, so the turn
 is the cue XOR the placement; MemoryRecallS13 (`_MemoryRecallEnv`) makes it a recall of the first observation, but
 its seeds give only two distinct episodes (kept for reference: the shipped memory planner was trained on it).
 MemoryVaried (`thrifty.envs.memory_varied`) varies everything but the task: hallway length, start, cue type and
-colour, distractors, junction arms; no planner is trained on it yet (issue 23)."""
-LEVEL_MAX_STEPS = {"MemoryS13": 96, "MemoryRecallS13": 96, "MemoryVaried": 96}
+colour, distractors, junction arms, and asks the planner to match the cue's name at the junction;
+MemoryVariedTyped keeps that variety with MiniGrid's typed junction (key north, ball south), so the turn follows
+from the cue's type: the level of the `memory` suite (issue 23, docs/memory_level.md)."""
+LEVEL_MAX_STEPS = {"MemoryS13": 96, "MemoryRecallS13": 96, "MemoryVaried": 96, "MemoryVariedTyped": 96}
 """Step caps replacing minigrid's default (5 x 13^2 = 845 for MemoryS13; the expert needs at most ~40)."""
 
 _DIRECTIONS = ("east", "south", "west", "north")

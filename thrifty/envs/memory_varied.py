@@ -27,6 +27,16 @@ is north or south with probability 1/2 each: a cue-blind policy succeeds at chan
 `VariedMemoryExpert` measures it). With the cue, exactly one junction object carries its name: the cue suffices.
 `thrifty memory-level` measures both, and how many evaluation seeds give distinct episodes (docs/memory_level.md).
 
+**MemoryVariedTyped (`junction="typed"`): the cue is necessary and sufficient without a binding.** A 2.5M-parameter
+planner trained on MemoryVaried took the junction turn at chance even on its own training episodes, and even with
+the hallway cut out (docs/memory_level.md): comparing two names at the junction with one seen a hallway earlier is
+not learnt at that size. The typed junction is MiniGrid's own (a key and a ball of one colour), with the key always
+north and the ball south, like MemoryRecallS13; the cue is that colour's key or ball (1/2 each), so the matching
+arm follows from the cue's type alone, and the junction, which always shows the same two types, says nothing about
+it: a cue-blind policy is still at chance. Everything else varies as above: size, start, cue cell, the colour (6),
+arms, and distractors, which may be keys and balls of other colours (a planner that takes the last key or ball it
+saw, not the start room's, fails).
+
 Example:
     >>> import gymnasium as gym
     >>> env = gym.make("thrifty/MemoryVaried-v0").unwrapped
@@ -52,6 +62,9 @@ COLOURS = tuple(COLOR_NAMES)
 MAX_DISTRACTORS = 3
 MAX_ARM = 3
 """Longest junction arm (cells from the junction to the cell next to the object)."""
+JUNCTIONS = ("match", "typed")
+"""`match`: two different objects of any names, the cue's north or south at random (MemoryVaried); `typed`: a key
+north and a ball south of one colour (MemoryVariedTyped; module doc)."""
 _CLASSES = {"key": Key, "ball": Ball, "box": Box}
 _NAMES = tuple((t, c) for t in OBJECT_TYPES for c in COLOURS)
 
@@ -80,8 +93,11 @@ class MemoryVariedEnv(MemoryEnv):
     hallway and the junction), `junction` (the junction cell), `cue_pos`, `cue` ((type, colour)), `objects_at`
     (the two junction objects' cells, north first), `distractors` (cells), `success_pos`, `failure_pos`."""
 
-    def __init__(self, sizes=MEMORY_SIZES, max_steps: int | None = None, **kwargs):
+    def __init__(self, sizes=MEMORY_SIZES, max_steps: int | None = None, junction: str = "match", **kwargs):
         self.sizes = check_sizes(sizes)
+        if junction not in JUNCTIONS:
+            raise ValueError(f"unknown junction {junction!r}: one of {', '.join(JUNCTIONS)} (module doc)")
+        self.junction_kind = junction
         super().__init__(size=max(self.sizes), random_length=False, max_steps=max_steps, **kwargs)
 
     def _gen_grid(self, width, height):
@@ -99,11 +115,16 @@ class MemoryVariedEnv(MemoryEnv):
             grid.set(*cell, None)
 
         # junction: two different objects, the cue one of them, arms of 1..3 cells
-        first, second = rng.choice(len(_NAMES), size=2, replace=False)
-        names = [_NAMES[int(first)], _NAMES[int(second)]]
-        self.cue = names[int(rng.integers(2))]
-        if rng.integers(2):
-            names.reverse()  # names[0] goes north
+        if self.junction_kind == "typed":  # that colour's key north, its ball south; the cue one of them
+            colour = COLOURS[int(rng.integers(len(COLOURS)))]
+            names = [("key", colour), ("ball", colour)]
+            self.cue = names[int(rng.integers(2))]
+        else:
+            first, second = rng.choice(len(_NAMES), size=2, replace=False)
+            names = [_NAMES[int(first)], _NAMES[int(second)]]
+            self.cue = names[int(rng.integers(2))]
+            if rng.integers(2):
+                names.reverse()  # names[0] goes north
         longest = min(MAX_ARM, c - 2)
         arms = [int(rng.integers(1, longest + 1)) for _ in range(2)]
         self.objects_at = ((xj, c - arms[0] - 1), (xj, c + arms[1] + 1))
@@ -149,3 +170,4 @@ class MemoryVariedEnv(MemoryEnv):
 
 
 gym.register("thrifty/MemoryVaried-v0", entry_point=MemoryVariedEnv)
+gym.register("thrifty/MemoryVariedTyped-v0", entry_point=MemoryVariedEnv, kwargs={"junction": "typed"})
