@@ -91,13 +91,13 @@ def test_bench_end_to_end_writes_results_table_and_plot(tmp_path, tiny_planner_d
 def test_memory_suite_runs_its_level_and_pins_its_own_planner_and_pruner(tmp_path, tiny_planner_dir,
                                                                         tiny_pruner_path, monkeypatch):
     """`memory` defaults to the memory planner and pruner (not the BabyAI ones) and prunes from layer 0 on; it runs
-    end to end on MemoryRecallS13 (here with the tiny 3-layer planner, so at its one prunable layer)."""
+    end to end on MemoryVariedTyped (here with the tiny 3-layer planner, so at its one prunable layer)."""
     import dataclasses
 
     from thrifty.bench.suites import MEMORY_PLANNER, MEMORY_PRUNE_LAYERS, MEMORY_PRUNER, SUITES
 
     spec = get_suite("memory")
-    assert spec.model == MEMORY_PLANNER and spec.levels == ("MemoryRecallS13",)
+    assert spec.model == MEMORY_PLANNER and spec.levels == ("MemoryVariedTyped",)
     pruned = [c for c in spec.configs if c.technique != "full"]
     assert pruned and all(c.settings["layers"] == list(MEMORY_PRUNE_LAYERS) for c in pruned)
     assert all(c.settings["pruner"] == str(MEMORY_PRUNER) for c in pruned if c.technique == "token_pruning")
@@ -110,7 +110,7 @@ def test_memory_suite_runs_its_level_and_pins_its_own_planner_and_pruner(tmp_pat
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in out.read_text().splitlines()[1:]]
     assert [x["config"] for x in lines] == [c.name for c in spec.configs]
-    assert all(x["level"] == "MemoryRecallS13" and x["steps"] <= 4 for x in lines)
+    assert all(x["level"] == "MemoryVariedTyped" and x["steps"] <= 4 for x in lines)
 
 
 def test_suites_and_techniques_are_listed():

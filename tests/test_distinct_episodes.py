@@ -136,11 +136,15 @@ def test_every_shipped_suite_meets_its_distinct_episode_floor(name):
     assert all(n >= suite.distinct_floor for n in counts.values()), counts
 
 
-def test_the_memory_suite_states_its_honest_floor():
-    """MemoryRecallS13's 40 seeds are 2 episodes: the floor says so rather than claiming 40."""
+def test_the_memory_suites_state_their_honest_floors():
+    """MemoryRecallS13's 40 seeds are 2 episodes: `memory-recall`'s floor says so rather than claiming 40; the
+    `memory` suite's level gives a distinct episode per seed."""
+    recall = SUITES["memory-recall"]
+    assert recall.episodes == 40 and recall.min_distinct == 2
+    assert recall.distinct_episodes() == {"MemoryRecallS13": 2}
     memory = SUITES["memory"]
-    assert memory.episodes == 40 and memory.min_distinct == 2
-    assert memory.distinct_episodes() == {"MemoryRecallS13": 2}
+    assert memory.levels == ("MemoryVariedTyped",) and memory.min_distinct >= 0.9 * memory.episodes >= 60
+    assert memory.distinct_episodes() == {"MemoryVariedTyped": memory.episodes}
 
 
 def test_coop_seeds_are_distinct_per_team_size():

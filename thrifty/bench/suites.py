@@ -26,11 +26,14 @@ from thrifty.envs.babyai_text import LEVELS, episode_keys, eval_seed, level_id
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_PLANNER = ASSETS / "planner"
-MEMORY_PLANNER = ASSETS / "memory_planner"
-"""The planner trained on MemoryRecallS13 (`thrifty train planner --levels MemoryRecallS13`, see its card)."""
-MEMORY_PRUNER = ASSETS / "memory_pruner" / "model.safetensors"
+MEMORY_PLANNER = ASSETS / "memory_typed_planner"
+"""The planner trained on MemoryVariedTyped (`thrifty train planner --levels MemoryVariedTyped`, see its card)."""
+MEMORY_PRUNER = ASSETS / "memory_typed_pruner" / "model.safetensors"
+RECALL_PLANNER = ASSETS / "memory_planner"
+"""The planner trained on MemoryRecallS13, whose seeds are 2 episodes (kept for reference: `memory-recall`, `sched`)."""
+RECALL_PRUNER = ASSETS / "memory_pruner" / "model.safetensors"
 MEMORY_PRUNE_LAYERS = (0, 1, 2)
-"""The memory suite's prune layers, those `MEMORY_PRUNER` was trained for (see the `memory` suite)."""
+"""The memory suites' prune layers, those `MEMORY_PRUNER` and `RECALL_PRUNER` were trained for (see `memory`)."""
 
 
 @dataclass(frozen=True)
@@ -206,27 +209,33 @@ SUITES: dict[str, Suite] = {
                     *(BenchConfig(f"store-only-{b // 2**10}KiB", "prefix_reuse",
                                   {"keep_session": False, "store_bytes": b}) for b in (2**18, 2**20, 2**22, 2**26))),
                    episodes=10, min_distinct=10),
-    # memory: the level where old context decides the outcome (the cue, one hallway before the junction), with
-    # the planner and pruner trained for it; the BabyAI levels above need little beyond the newest observations.
-    # Prune layers 0, 1, 2 (not the depth default 1, 2, 3): layers 0-1 see the whole context and this planner
-    # carries the cue forward there, so pruning from layer 1 on loses nothing whatever it keeps (docs/pruning_results.md).
-    # min_distinct=2, the honest floor (issue 23): MemoryRecallS13 fixes walls, start and junction, so its 40 seeds
-    # are 2 episodes (key cue, ball cue) and every figure of this suite is over 2 episodes; the tables say so.
-    # MemoryVaried (docs/memory_level.md) gives 40 of 40, but no memory planner or pruner is trained on it yet.
+    # memory: the level where old context decides the outcome (the cue, seen only in the start room, decides the
+    # turn at the junction), with the planner and pruner trained for it; the BabyAI levels above need little beyond
+    # the newest observations. MemoryVariedTyped's seeds are distinct episodes (100 of 100; docs/memory_level.md).
+    # Prune layers 0, 1, 2 (not the depth default 1, 2, 3): layers 0-1 see the whole context and a planner can carry
+    # the cue forward there, so pruning from layer 1 on can lose nothing whatever it keeps (docs/pruning_results.md).
     "memory": Suite("memory", "learned token pruning against random, recency and sink+window pruning at the same "
-                    "token counts on MemoryRecallS13, whose junction decision needs the oldest observation (its 40 "
-                    "seeds are 2 distinct episodes)",
+                    "token counts on MemoryVariedTyped, whose junction turn needs the start room's cue",
                     (BenchConfig("full"),
                      *with_pruner(tuple(_pruned(t, k, MEMORY_PRUNE_LAYERS)
                                         for k in (PRUNING_KEEP, 0.4, 0.2) for t in PRUNING_TECHNIQUES),
                                   str(MEMORY_PRUNER))),
-                    levels=("MemoryRecallS13",), episodes=40, model=MEMORY_PLANNER, min_distinct=2),
+                    levels=("MemoryVariedTyped",), episodes=100, model=MEMORY_PLANNER, min_distinct=95),
+    # memory-recall: the suite's first level, kept for reference. MemoryRecallS13 fixes walls, start and junction,
+    # so its 40 seeds are 2 episodes (key cue, ball cue): min_distinct=2, the honest floor, and the tables say so.
+    "memory-recall": Suite("memory-recall", "the memory suite on MemoryRecallS13, its planner and pruner (its 40 "
+                           "seeds are 2 distinct episodes)",
+                           (BenchConfig("full"),
+                            *with_pruner(tuple(_pruned(t, k, MEMORY_PRUNE_LAYERS)
+                                               for k in (PRUNING_KEEP, 0.4, 0.2) for t in PRUNING_TECHNIQUES),
+                                         str(RECALL_PRUNER))),
+                           levels=("MemoryRecallS13",), episodes=40, model=RECALL_PLANNER, min_distinct=2),
     # sched (issue 20): episodes that share prefixes, for the scheduled Ray run (`--ray --schedule`): one mission,
     # MemoryS13's seeds repeat starts and episodes (39 distinct in 120) and MemoryRecallS13's 2 episodes repeat
     # throughout, so a worker that played an episode holds most of the next one's contexts (docs/scheduling.md).
     "sched": Suite("sched", "prefix reuse on seeds of one mission whose episodes share prefixes (MemoryS13, "
                    "MemoryRecallS13): what cache-affine scheduling across workers can keep",
-                   (REUSE,), levels=("MemoryS13", "MemoryRecallS13"), episodes=60, model=MEMORY_PLANNER,
+                   (REUSE,), levels=("MemoryS13", "MemoryRecallS13"), episodes=60, model=RECALL_PLANNER,
                    max_steps=48, min_distinct=2),
     "replan": Suite("replan", "replanning at every step vs only when the observation changed",
                     (BenchConfig("full"), BenchConfig("full-on-change", replan="on_change")), episodes=20,
