@@ -130,25 +130,46 @@ def test_decision_flops_match_the_session_work(planner):
 
 
 def test_drafting_the_first_token_changes_no_decision_and_counts_its_work(planner):
-    """The planner's one-token draft (the previous decision's first token) gives the same texts as plain greedy
-    decoding over a whole episode, and an accepted draft's work is in the prefill (T + 1 tokens, 2 logit rows)."""
+    """Drafted first tokens (the first tokens of the planner's recent decisions, 1 or 3 alternatives) give the
+    same texts as plain greedy decoding over a whole episode, and an accepted draft's work is in the prefill (the
+    T context tokens causal, each of the 3 alternatives seeing the T tokens and itself, 4 logit rows)."""
     texts = {}
-    for draft in (False, True):
-        planner.draft = draft
+    for draft, width in ((False, 3), (True, 1), (True, 3)):
+        planner.draft, planner.draft_width = draft, width
         planner.reset()
         res = run_episode(planner, "GoToLocal", eval_seed(4), EpisodeConfig(max_steps=12))
-        texts[draft] = (res["actions"], res["unparseable"])
-    planner.draft = True
-    assert texts[False] == texts[True]
+        texts[draft, width] = (res["actions"], res["unparseable"])
+    planner.draft, planner.draft_width = True, 3
+    assert texts[False, 3] == texts[True, 1] == texts[True, 3]
     from thrifty.cost import LayerWork, forward_flops
     planner.reset()
     ctx = PlannerContext(planner.tokenizer)
     ctx.start("go to the red ball")
     ctx.add_observation("facing east; carrying nothing; wall 2 ahead")
     first, _ = planner.decide(ctx)
-    planner._last_first = planner.tokenizer.encode(first, add_special_tokens=False)[0]  # a right draft
+    right = planner.tokenizer.encode(first, add_special_tokens=False)[0]
+    planner._recent_first = [(right + 1) % 50 + 3, right, (right + 2) % 50 + 3]  # the right draft in second place
     text, rec = planner.decide(ctx)
-    assert text == first
+    assert text == first and planner._recent_first[0] == right
     shape, T = planner.backbone.shape, len(ctx.ids)
-    prefill = forward_flops(shape, [LayerWork.causal(T + 1)] * shape.n_layers, n_logits=2)
-    assert rec.prefill_flops == prefill and rec.tokens_per_layer == [T + 1] * shape.n_layers
+    work = LayerWork(queries=T + 3, pairs=LayerWork.causal(T).pairs + 3 * (T + 1))
+    assert rec.prefill_flops == forward_flops(shape, [work] * shape.n_layers, n_logits=4)
+    assert rec.tokens_per_layer == [T + 3] * shape.n_layers
+
+def test_drafts_pick_exactly_greedys_actions_with_the_shipped_planner_on_held_out_episodes():
+    """The shipped planner through prefix reuse on evaluation seeds (never trained on), drafting off and with 3
+    alternatives: the same actions and outputs at every decision, and the drafts accepted at most decisions."""
+    from thrifty.bench import SHIPPED_PLANNER
+    from thrifty.techniques import build
+
+    shipped = TextPlanner.load(SHIPPED_PLANNER, technique=build("prefix_reuse"))
+    runs, passes = {}, {False: 0, True: 0}
+    for draft in (False, True):
+        shipped.draft = draft
+        for i in range(2):
+            shipped.reset()
+            res = run_episode(shipped, "GoToLocal", eval_seed(i), EpisodeConfig(max_steps=16))
+            runs[draft, i] = (res["actions"], res["unparseable"])
+            passes[draft] += res["decode_passes_total"]
+    assert all(runs[False, i] == runs[True, i] for i in range(2))
+    assert passes[True] < passes[False] / 2  # most decisions decoded nothing after the prefill

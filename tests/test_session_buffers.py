@@ -1,6 +1,7 @@
 """The session's capacity-doubling KV buffers (issue 22): appending in place gives exactly the caches that
 concatenation gave, and no session, fork or prefix-store entry ever sees its tensors change."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -133,23 +134,57 @@ def test_a_session_built_on_a_base_keeps_its_tensors_when_the_base_rewrites():
     assert _unchanged(hit, snap)
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(0, 60), min_size=1, max_size=12), st.integers(0, 63), st.integers(1, 4))
-def test_a_draft_never_changes_what_decoding_emits(prompt, draft, n_new):
-    """Speculative decoding with a one-token draft: accepted or not, decode emits greedy's tokens, and the session
-    then holds the caches of extend + decode (within float tolerance)."""
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 60), min_size=1, max_size=12), st.lists(st.integers(0, 63), min_size=1, max_size=5),
+       st.integers(1, 4), st.booleans())
+def test_a_draft_tree_never_changes_what_decoding_emits(prompt, drafts, n_new, plain_first):
+    """Speculative decoding with drafted alternatives for the first token (a tree of depth 1; one draft is the
+    plain case): accepted or not, decode emits greedy's tokens, the session then holds the caches and positions
+    of extend + decode, and it continues like it. `plain_first` decides which fork writes first, so the drafted
+    session either owns its buffers' frontier (the kept alternative moves in place) or copies."""
     base = _fresh(list(range(5)))
     plain, drafted = base.fork(), base.fork()
+    if not plain_first:
+        res = drafted.extend_with_draft(prompt, drafts)
     plain.extend(prompt)
     ref = plain.decode(n_new)
-    res = drafted.extend_with_draft(prompt, draft)
-    assert res.draft_accepted == (ref.token_ids[0] == draft)
+    if plain_first:
+        res = drafted.extend_with_draft(prompt, drafts)
+    assert res.draft_accepted == (ref.token_ids[0] in drafts)
+    assert res.draft_rows == len(set(drafts))
     assert (res.logits[0] - plain_logits(base, prompt)).abs().max().item() <= TOL
     out = drafted.decode(n_new)
     assert out.token_ids == ref.token_ids
-    assert len(out.works) == len(ref.works) - int(res.draft_accepted)  # one pass less when the draft was right
+    assert len(out.works) == len(ref.works) - int(res.draft_accepted)  # one pass less when a draft was right
     assert drafted.token_ids == plain.token_ids and drafted.next_position == plain.next_position
+    assert all(torch.equal(a, b) for a, b in zip(drafted.positions, plain.positions))
     assert all((a - b).abs().max().item() <= TOL for a, b in zip(drafted.kv_tensors(), plain.kv_tensors()))
+    more = [3, 1, 4]
+    assert (drafted.extend(more).logits - plain.extend(more).logits).abs().max().item() <= TOL
+
+
+def test_draft_alternatives_see_neither_each_other_nor_are_seen_and_count_their_pairs():
+    """Each drafted alternative's logits equal decoding that token alone after the prompt, and the pass counts
+    (query, key) pairs without the alternatives' views of each other."""
+    base = _fresh(list(range(5)))
+    prompt, drafts = [9, 10, 11], [4, 20, 33]
+    tree = base.fork()
+    res = tree.extend(torch.tensor(prompt + drafts), _rows=4, _siblings=3)
+    for j, d in enumerate(drafts):
+        alone = base.fork()
+        alone.extend(prompt + [d])
+        assert (res.logits[1 + j] - alone._last_logits).abs().max().item() <= TOL
+    assert (res.logits[0] - plain_logits(base, prompt)).abs().max().item() <= TOL
+    # 5 cached + 3 prompt tokens causal + 3 alternatives seeing 5 + 3 + themselves
+    assert res.works[0].pairs == 3 * 5 + 3 * 4 // 2 + 3 * (5 + 3 + 1)
+
+
+def test_extend_with_draft_refuses_empty_inputs():
+    s = _fresh(list(range(4)))
+    with pytest.raises(ValueError, match="at least one new token and one drafted token"):
+        s.extend_with_draft([], [3])
+    with pytest.raises(ValueError, match="at least one new token and one drafted token"):
+        s.extend_with_draft([5], [])
 
 
 def plain_logits(base, prompt):

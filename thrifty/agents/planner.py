@@ -91,9 +91,11 @@ class TextPlanner:
         self.stop_ids = tuple(tokenizer.encode("\n", add_special_tokens=False))
         self.last_report: dict = {}
         self.draft = True
-        """speculate on each decision's first token: the previous decision's, fed with the prefill (one decode
-        pass less when right, the same output always; `Session.extend_with_draft`)"""
-        self._last_first: int | None = None
+        """speculate on each decision's first token, fed with the prefill as alternatives (one decode pass less
+        when one is right, the same output always; `Session.extend_with_draft`)"""
+        self.draft_width = 3
+        """how many alternatives: the first tokens of the planner's most recent distinct decisions"""
+        self._recent_first: list[int] = []
 
     @classmethod
     def load(cls, model_dir: str | Path, technique: Technique | None = None, **kw) -> "TextPlanner":
@@ -105,7 +107,7 @@ class TextPlanner:
 
     def reset(self) -> None:
         self.technique.reset()
-        self._last_first = None
+        self._recent_first = []
 
     def decide(self, context: PlannerContext, seed: int = 0, choose=None,
                max_new_tokens: int | None = None) -> tuple[str, CostRecord]:
@@ -123,24 +125,24 @@ class TextPlanner:
                 raise ValueError(f"{self.technique.name}: an early exit chooses among its head's action words, but "
                                  "this decision is constrained to another language (`choose`, e.g. the coop "
                                  "planner's structured decisions); early exit is not supported there")
-            draft = self._last_first if self.draft and hook is None and exit_hook is None else None
-            if draft is None:
+            drafts = self._recent_first[:self.draft_width] if self.draft and hook is None and exit_hook is None else []
+            if not drafts:
                 pre = session.extend(ids[new_from:], logits="last", layer_hook=hook, exit_hook=exit_hook,
                                      propagate_on_exit=self.technique.propagates_on_exit())
             else:
-                pre = session.extend_with_draft(ids[new_from:], draft, choose=choose)
+                pre = session.extend_with_draft(ids[new_from:], drafts, choose=choose)
             decode_from = session.next_position - int(bool(pre.draft_accepted))
             if pre.exited_after is not None:  # early exit: the technique's head chose the output, no decode
                 out, text = DecodeResult(), self.technique.exit_text()
-                self._last_first = None
             else:
                 out = session.decode(max_new_tokens or self.max_new_tokens, stop_ids=self.stop_ids, choose=choose)
                 first = out.token_ids[0] if out.token_ids else None
-                self._last_first = None if first is None or first in self.stop_ids else first
+                if first is not None and first not in self.stop_ids:
+                    self._recent_first = [first] + [t for t in self._recent_first if t != first][:7]
                 text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
             self.technique.close_session(session, ctx, decode_from)
         exited = pre.exited_after is not None
-        prefill_flops = forward_flops(shape, pre.works, n_logits=0 if exited else 1 + int(pre.draft_accepted is not None))
+        prefill_flops = forward_flops(shape, pre.works, n_logits=0 if exited else 1 + pre.draft_rows)
         decode_flops = sum(forward_flops(shape, w, n_logits=1) for w in out.works)
         prefill_flops += kv_projection_flops(shape, pre.propagated)  # early exit's state propagation, if any
         record = CostRecord(
@@ -149,7 +151,7 @@ class TextPlanner:
             prefix_tokens_reused=new_from, flops=prefill_flops + decode_flops + self.technique.own_flops(),
             prefill_flops=prefill_flops, wall_s=sw.seconds, peak_rss_bytes=mem.peak_bytes,
             kv_bytes=kv_bytes(session.kv_tensors()),
-            exit_layer=pre.exited_after + 1 if exited else shape.n_layers)
+            exit_layer=pre.exited_after + 1 if exited else shape.n_layers, decode_passes=len(out.works))
         self.last_report = self.technique.report()
         return text, record
 
@@ -222,6 +224,7 @@ def run_episode(planner: TextPlanner, level: str, seed: int, config: EpisodeConf
         "technique_reports": reports if any(reports) else [],
         "exit_layer_mean": statistics.fmean(r.exit_layer for r in records) if records else 0.0,
         "prefix_tokens_reused_total": sum(r.prefix_tokens_reused for r in records),
+        "decode_passes_total": sum(r.decode_passes for r in records),
         "tokens_in_total": sum(r.tokens_in for r in records),
         **episode_bandwidth(records, planner.backbone.shape, reward),
         "per_decision": {  # compact per-decision series for plots

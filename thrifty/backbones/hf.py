@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from thrifty.backbones.attention import GQA_SDPA, SDPA_NAMES
 from thrifty.backbones.families import FAMILIES, REFUSED, SUPPORTED_FAMILIES, FamilyTraits
 from thrifty.cost.flops import ModelShape
 
@@ -86,6 +87,8 @@ class HFDecoder:
         self._logits_div = self._traits.config_value(c, self._traits.logits_divisor)
         self._logits_mult = self._traits.config_value(c, self._traits.logits_multiplier)
         self._softcap = self._traits.config_value(c, self._traits.logit_softcap)
+        if getattr(c, "_attn_implementation", None) == "sdpa":  # the same attention, without repeat_kv under masks
+            model.set_attn_implementation(GQA_SDPA)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -144,7 +147,8 @@ class HFDecoder:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "HFDecoder":
-        """Wrap an in-memory `*ForCausalLM` (train/eval mode and grads are left as the caller set them)."""
+        """Wrap an in-memory `*ForCausalLM` (train/eval mode and grads are left as the caller set them; a model
+        built with "sdpa" is switched to its exact grouped-query form, `thrifty.backbones.attention`)."""
         return cls(model)
 
     # ------------------------------------------------------------------ facts
@@ -159,6 +163,11 @@ class HFDecoder:
     @property
     def family(self) -> str:
         return self._family
+
+    @property
+    def is_sdpa(self) -> bool:
+        """Attention runs as sdpa (transformers' or `thrifty.backbones.attention`'s): no mask means causal."""
+        return getattr(self.config, "_attn_implementation", None) in SDPA_NAMES
 
     @property
     def n_layers(self) -> int:

@@ -18,6 +18,7 @@ METRICS: dict[str, str] = {
     "peak_rss_bytes": "process resident-set high-water mark during the decision (weights included)",
     "kv_bytes": "bytes held by the session's key/value tensors after the decision",
     "exit_layer": "number of decoder layers run for the last token (n_layers when no early exit)",
+    "decode_passes": "model passes made while decoding, after the prefill (a token drafted right needs none)",
 }
 
 
@@ -35,6 +36,7 @@ class CostRecord:
     peak_rss_bytes: int = 0
     kv_bytes: int = 0
     exit_layer: int = 0
+    decode_passes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -38,7 +38,9 @@ class ExtendResult:
     works: list[LayerWork]
     positions_kept: torch.Tensor
     draft_accepted: bool | None = None
-    """`extend_with_draft` only: whether the drafted token was greedy's choice (and stayed in the session)"""
+    """`extend_with_draft` only: whether one of the drafted tokens was greedy's choice (and stayed in the session)"""
+    draft_rows: int = 0
+    """`extend_with_draft` only: the drafted tokens fed in the pass (each had its own logits row computed)"""
     exited_after: int | None = None
     """`exit_hook` only: the layer after which the pass stopped (the new tokens are in layers 0..exited_after
     only, `logits` is empty and `decode` cannot follow), or None when every layer ran"""
@@ -155,6 +157,7 @@ class Session:
         propagate_on_exit: bool = False,
         embed_delta: dict[int, torch.Tensor] | None = None,
         _rows: int = 1,
+        _siblings: int = 1,
     ) -> ExtendResult:
         """Append tokens ids [q] (or [1, q]) at positions next_position..next_position+q-1.
 
@@ -171,6 +174,10 @@ class Session:
 
         `embed_delta` {i: vector [d]} adds a vector to the input embedding of new token i (a soft prompt, e.g. a
         latent plan): everything the session keeps for that token is computed from the shifted embedding.
+
+        `_siblings` K > 1 (`extend_with_draft` only): the last K tokens are alternatives for one position, a tree
+        of depth 1: they share the position after the others and none sees another. The session then holds all K
+        at that position until `extend_with_draft` keeps one or none.
         """
         if logits not in ("last", "all"):
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
@@ -180,12 +187,15 @@ class Session:
         if q == 0:
             raise ValueError("extend() needs at least one token")
         start = self.next_position
+        sib = int(_siblings)
         pos = torch.arange(start, start + q, dtype=torch.long, device=bb.device)
+        if sib > 1:
+            pos[q - sib:] = start + q - sib  # the alternatives, all at one position
         keys, values, positions, bufs = list(self._keys), list(self._values), list(self.positions), list(self._bufs)
         cache = _LayerCache(keys, values, bufs)
         works: list[LayerWork] = []
         impl = getattr(bb.config, "_attn_implementation", None)
-        sdpa = impl == "sdpa"
+        sdpa = bb.is_sdpa
         last_mask = None  # (key_pos, window, mask, pos): layers with the same queries and keys share one mask
         exited_after, propagated = None, 0
         with torch.no_grad():
@@ -203,10 +213,10 @@ class Session:
                 # a fresh layer under sdpa needs no mask: its keys are exactly the queries, in order, so sdpa's
                 # is_causal is exact (original positions reach attention through the rotary tables only);
                 # building a [q, k] mask costs as much as the attention itself at 4k tokens.
-                plain = positions[l].numel() == 0 and window is None and sdpa
+                plain = positions[l].numel() == 0 and window is None and sdpa and sib == 1
                 # one query after all its keys (a decoded token) sees every key: no mask needed either (sdpa,
                 # eager, and sink_kv's attention, whose None mask is causal with the queries last)
-                single = pos.numel() == 1 and window is None and impl in ("sdpa", "eager", "thrifty_sink_kv")
+                single = pos.numel() == 1 and window is None and (sdpa or impl in ("eager", "thrifty_sink_kv"))
                 if plain or single:
                     mask = None
                 elif (last_mask is not None and last_mask[3] is pos and last_mask[1] == window
@@ -214,9 +224,14 @@ class Session:
                     mask = last_mask[2]
                 else:
                     mask = bb.attention_mask(pos, key_pos, l)
+                    if sib > 1:  # alternatives see themselves, not each other (the keys end with the queries)
+                        block = mask[0, 0, -sib:, -sib:]
+                        block.fill_(torch.finfo(mask.dtype).min)
+                        block.diagonal().zero_()
                     last_mask = (key_pos, window, mask, pos)
                 works.append(LayerWork(queries=int(pos.numel()),
-                                       pairs=_visible_pairs(pos, key_pos, window, cached=positions[l])))
+                                       pairs=_visible_pairs(pos, key_pos, window, cached=positions[l])
+                                       - sib * (sib - 1) // 2))
                 h = bb.run_layer(l, h, pos, mask, cache, position_embeddings=pe)
                 positions[l] = key_pos
                 keep = None if layer_hook is None else layer_hook(l, h, pos)
@@ -247,11 +262,12 @@ class Session:
         # then the session no longer owns them and its next append copies, so nothing is lost or shared wrongly)
         self._keys, self._values, self.positions, self._bufs = keys, values, positions, bufs
         self._drafted = []
-        self.next_position = start + q
+        end = start + q - sib + 1
+        self.next_position = end
         self.token_ids.extend(int(t) for t in ids_t.tolist())
         if span is not None:
-            self.spans[span] = (start, start + q)
-        reached_end = exited_after is None and pos.numel() > 0 and int(pos[-1]) == start + q - 1
+            self.spans[span] = (start, end)
+        reached_end = exited_after is None and pos.numel() > 0 and int(pos[-1]) == end - 1
         self._last_logits = out[-1] if reached_end else None
         return ExtendResult(logits=out, works=works, positions_kept=pos, exited_after=exited_after,
                             propagated=propagated)
@@ -294,33 +310,67 @@ class Session:
     def extend_with_draft(
         self,
         ids: Sequence[int] | torch.Tensor,
-        draft: int,
+        draft: int | Sequence[int],
         *,
         choose: Callable[[torch.Tensor, list[int]], int] | None = None,
         span: str | None = None,
     ) -> ExtendResult:
-        """`extend(ids)` and, in the same pass, `draft`: a guess of the first token `decode` will emit (speculative
-        decoding with a one-token draft, e.g. the previous decision's first token). If greedy's choice after `ids`
-        (argmax, or `choose(logits, [])`) is the draft, it stays in the session and the next `decode` emits it
-        without a pass of its own, starting from the logits the pass computed after it; otherwise it is rolled back
-        (no copy: the frontier moves back) and `decode` runs as after `extend(ids)`. Either way `decode` emits
-        exactly what it would have after `extend(ids)`: causal attention keeps the draft out of every earlier
-        position. The result's `logits` are those after `ids` ([1, vocab]); its `works` include the draft's row.
-        No layer hook: a hook may drop the rows whose logits are needed."""
+        """`extend(ids)` and, in the same pass, `draft`: guesses of the first token `decode` will emit (speculative
+        decoding with a draft tree of depth 1, e.g. the first tokens of the planner's recent decisions). The drafted
+        tokens are alternatives at the position after `ids`: each sees `ids` and itself, never another. If greedy's
+        choice after `ids` (argmax, or `choose(logits, [])`) is among them, that one stays in the session and the
+        next `decode` emits it without a pass of its own, starting from the logits the pass computed after it; the
+        others are dropped (its keys and values move to the first alternative's slot, the frontier moves back: no
+        copy of the cache). Otherwise all are dropped and `decode` runs as after `extend(ids)`. Either way `decode`
+        emits exactly what it would have after `extend(ids)`: the mask keeps the drafts out of every earlier
+        position and out of each other. The result's `logits` are those after `ids` ([1, vocab]); its `works`
+        include the drafts' rows (`draft_rows` of them). A session with an empty layer under sdpa drafts only the
+        first token: that layer's pass is mask-free (is_causal), and alternatives would need a mask over all the
+        new tokens, as costly as the attention itself at thousands of tokens. No layer hook: a hook may drop the
+        rows whose logits are needed."""
         ids_t = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        drafts = list(dict.fromkeys(int(d) for d in ([draft] if isinstance(draft, int) else draft)))
+        if ids_t.numel() == 0 or not drafts:
+            raise ValueError("extend_with_draft needs at least one new token and one drafted token")
+        if self.backbone.is_sdpa and any(p.numel() == 0 for p in self.positions):
+            drafts = drafts[:1]  # a fresh layer runs mask-free (is_causal); alternatives would need a [q, q] mask
         end = self.next_position + int(ids_t.numel())
-        res = self.extend(torch.cat([ids_t, torch.tensor([int(draft)])]), span=None, _rows=2)
-        after_ids, after_draft = res.logits[0], res.logits[1]
+        k = len(drafts)
+        res = self.extend(torch.cat([ids_t, torch.tensor(drafts)]), span=None, _rows=k + 1, _siblings=k)
+        after_ids = res.logits[0]
         first = int(after_ids.argmax()) if choose is None else int(choose(after_ids, []))
-        accepted = first == int(draft)
-        if not accepted:
+        accepted = first in drafts
+        if accepted:
+            j = drafts.index(first)
+            self._keep_alternative(k, j)
+            self.token_ids = self.token_ids[:end] + [first]
+        else:
             self.rollback(end)
-        self._last_logits = after_draft if accepted else after_ids
-        self._drafted = [int(draft)] if accepted else []
+        self._last_logits = res.logits[1 + j] if accepted else after_ids
+        self._drafted = [first] if accepted else []
         if span is not None:
             self.spans[span] = (end - int(ids_t.numel()), end)
-        return ExtendResult(logits=after_ids[None], works=res.works, positions_kept=res.positions_kept[:-1],
-                            draft_accepted=accepted)
+        return ExtendResult(logits=after_ids[None], works=res.works, positions_kept=res.positions_kept[:-k],
+                            draft_accepted=accepted, draft_rows=k)
+
+    def _keep_alternative(self, k: int, j: int) -> None:
+        """The last k entries of every layer are alternatives at one position: keep the j-th in the first one's
+        slot (in place where this session owns the buffer's frontier, else in new tensors) and drop the rest."""
+        for l in range(len(self.positions)):
+            t = int(self.positions[l].numel())
+            if j:
+                b = self._bufs[l]
+                owned = b is not None and all(buf.filled == t and t - k >= buf.pinned for buf in b)
+                for kv in (self._keys, self._values):
+                    if owned:
+                        kv[l][:, :, t - k].copy_(kv[l][:, :, t - k + j])
+                    else:
+                        kv[l] = torch.cat([kv[l][:, :, :t - k], kv[l][:, :, t - k + j:t - k + j + 1]], dim=2)
+                if not owned:
+                    self._bufs[l] = None
+                    self.positions[l] = self.positions[l][:t - k + 1]
+                    continue
+            self._keep_prefix(l, t - k + 1)
 
     # ------------------------------------------------------------------ state management
     def fork(self) -> "Session":

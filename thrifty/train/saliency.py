@@ -260,7 +260,7 @@ def batched_forward(backbone: HFDecoder, ids: torch.Tensor, valid: torch.Tensor,
         h = h.detach().requires_grad_(True)
     pe = backbone.rotary(h, pos)
     low = torch.finfo(h.dtype).min
-    sdpa = getattr(backbone.config, "_attn_implementation", None) == "sdpa"
+    sdpa = backbone.is_sdpa
     bias = None
     for l in range(backbone.n_layers):
         if bias is None and sdpa and backbone.sliding_window(l) is None:
