@@ -4,10 +4,10 @@ Replays `profile-reuse`'s forced trajectory (the expert on GoToObjMazeS4, evalua
 up to decision STEP, then times that decision's phases REPEATS times on a fresh replay each:
   context  building the context ids (`PlannerContext.add_observation`)
   session  `technique.open_session` (the kept session and the new tokens' start)
-  prefill  `Session.extend` of the new tokens
-  decode   every `Session.extend` of a decoded token (one model pass per token of the action word and its stop)
+  prefill  `Session.extend` of the new tokens, with the drafted first tokens (`Session.extend_with_draft`)
+  decode   `Session.decode`: a model pass per decoded token but a drafted one and the final stop
   parse    `tokenizer.decode` of the output
-and, under torch.profiler, the operators of the last repeat's prefill + decode (self CPU time, top 25). With the
+and, under torch.profiler, the operators of the last repeat's decision (self CPU time, top 25). With the
 analytic FLOPs of each phase, the table shows which part is arithmetic and which is fixed cost.
 
     .venv/bin/python scripts/profile_decision.py [--step 64] [--repeats 5] [--threads 1] [--technique prefix_reuse]
@@ -44,30 +44,26 @@ def _timed_decision(planner: TextPlanner, ctx: PlannerContext, obs: str, seed: i
     t1 = time.perf_counter()
     session, new_from = planner.technique.open_session(planner.backbone, dctx)
     hook = planner.technique.prefill_hook(dctx, planner.backbone.n_layers, new_from)
+    drafts = planner._recent_first[:planner.draft_width] if planner.draft and hook is None else []
     t2 = time.perf_counter()
-    pre = session.extend(ids[new_from:], logits="last", layer_hook=hook)
+    if drafts:
+        pre = session.extend_with_draft(ids[new_from:], drafts)
+    else:
+        pre = session.extend(ids[new_from:], logits="last", layer_hook=hook)
     t3 = time.perf_counter()
-    decode_from, out, works, steps = session.next_position, [], [], []
-    stop = set(planner.stop_ids)
-    for _ in range(planner.max_new_tokens):  # Session.decode, one timed pass per token
-        s0 = time.perf_counter()
-        tok = int(session._last_logits.argmax())
-        out.append(tok)
-        works.append(session.extend([tok]).works)
-        steps.append(time.perf_counter() - s0)
-        if tok in stop:
-            break
+    decode_from = session.next_position - int(bool(pre.draft_accepted))
+    out = session.decode(planner.max_new_tokens, stop_ids=planner.stop_ids)  # a right draft: no pass
     t4 = time.perf_counter()
-    planner.tokenizer.decode(out, skip_special_tokens=True)
+    planner.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     planner.technique.close_session(session, dctx, decode_from)
     t5 = time.perf_counter()
     for name, dt in (("context", t1 - t0), ("session", t2 - t1), ("prefill", t3 - t2), ("decode", t4 - t3),
                      ("parse", t5 - t4)):
         times.setdefault(name, []).append(dt)
-    for i, dt in enumerate(steps):
-        times.setdefault(f"decode token {i + 1}", []).append(dt)
-    return [("prefill", pre.works, len(ids) - new_from)] + [(f"decode token {i + 1}", w, 1)
-                                                           for i, w in enumerate(works)]
+    times.setdefault("decode passes", []).append(len(out.works))
+    times.setdefault("drafts", []).append(len(drafts))
+    return [("prefill", pre.works, 1 + pre.draft_rows)] + [(f"decode pass {i + 1}", w, 1)
+                                                          for i, w in enumerate(out.works)]
 
 
 def main() -> None:
@@ -104,8 +100,10 @@ def main() -> None:
             for k, v in kept.items():
                 times.setdefault(k, []).extend(v)
     shape = planner.backbone.shape
-    flops = {name: forward_flops(shape, works, n_logits=1) for name, works, _ in phases}
+    flops = {name: forward_flops(shape, works, n_logits=rows) for name, works, rows in phases}
     rows = []
+    for name in ("decode passes", "drafts"):
+        print(f"  {name}: {times.pop(name)}")
     for name, ts in times.items():
         med = statistics.median(ts)
         f = flops.get(name) if name in flops else (sum(v for k, v in flops.items() if k.startswith("decode"))

@@ -131,30 +131,44 @@ def test_decision_flops_match_the_session_work(planner):
 
 def test_drafting_the_first_token_changes_no_decision_and_counts_its_work(planner):
     """Drafted first tokens (the first tokens of the planner's recent decisions, 1 or 3 alternatives) give the
-    same texts as plain greedy decoding over a whole episode, and an accepted draft's work is in the prefill (the
-    T context tokens causal, each of the 3 alternatives seeing the T tokens and itself, 4 logit rows)."""
-    texts = {}
-    for draft, width in ((False, 3), (True, 1), (True, 3)):
-        planner.draft, planner.draft_width = draft, width
-        planner.reset()
-        res = run_episode(planner, "GoToLocal", eval_seed(4), EpisodeConfig(max_steps=12))
-        texts[draft, width] = (res["actions"], res["unparseable"])
-    planner.draft, planner.draft_width = True, 3
-    assert texts[False, 3] == texts[True, 1] == texts[True, 3]
+    same texts as plain greedy decoding over a whole episode, through prefix reuse (a fresh session under sdpa
+    drafts one token: its pass has no mask) and through full recompute; an accepted draft's work is in the
+    prefill: the new token over the T - 1 reused ones, each of the 3 alternatives seeing the T tokens and itself,
+    4 logit rows."""
     from thrifty.cost import LayerWork, forward_flops
-    planner.reset()
-    ctx = PlannerContext(planner.tokenizer)
-    ctx.start("go to the red ball")
-    ctx.add_observation("facing east; carrying nothing; wall 2 ahead")
-    first, _ = planner.decide(ctx)
-    right = planner.tokenizer.encode(first, add_special_tokens=False)[0]
-    planner._recent_first = [(right + 1) % 50 + 3, right, (right + 2) % 50 + 3]  # the right draft in second place
-    text, rec = planner.decide(ctx)
-    assert text == first and planner._recent_first[0] == right
-    shape, T = planner.backbone.shape, len(ctx.ids)
-    work = LayerWork(queries=T + 3, pairs=LayerWork.causal(T).pairs + 3 * (T + 1))
-    assert rec.prefill_flops == forward_flops(shape, [work] * shape.n_layers, n_logits=4)
-    assert rec.tokens_per_layer == [T + 3] * shape.n_layers
+    from thrifty.techniques import Full, build
+
+    try:
+        for technique in (Full(), build("prefix_reuse")):
+            planner.technique = technique
+            texts = {}
+            for draft, width in ((False, 3), (True, 1), (True, 3)):
+                planner.draft, planner.draft_width = draft, width
+                planner.reset()
+                res = run_episode(planner, "GoToLocal", eval_seed(4), EpisodeConfig(max_steps=12))
+                texts[draft, width] = (res["actions"], res["unparseable"])
+            assert texts[False, 3] == texts[True, 1] == texts[True, 3]
+        planner.draft, planner.draft_width = True, 3
+        planner.reset()
+        ctx = PlannerContext(planner.tokenizer)
+        ctx.start("go to the red ball")
+        ctx.add_observation("facing east; carrying nothing; wall 2 ahead")
+        first, _ = planner.decide(ctx)  # the kept session now holds the context but its last token
+        right = planner.tokenizer.encode(first, add_special_tokens=False)[0]
+        planner._recent_first = [(right + 1) % 50 + 3, right, (right + 2) % 50 + 3]  # the right one second
+        text, rec = planner.decide(ctx)
+        assert text == first and planner._recent_first[0] == right
+        planner.draft = False
+        assert planner.decide(ctx)[1].decode_passes == rec.decode_passes + 1  # the drafted token needed no pass
+        shape, T = planner.backbone.shape, len(ctx.ids)
+        assert rec.tokens_in == 1
+        work = LayerWork(queries=4, pairs=T + 3 * (T + 1))
+        assert rec.prefill_flops == forward_flops(shape, [work] * shape.n_layers, n_logits=4)
+        assert rec.tokens_per_layer == [4] * shape.n_layers
+    finally:
+        planner.technique, planner.draft, planner.draft_width = Full(), True, 3
+        planner.reset()
+
 
 def test_drafts_pick_exactly_greedys_actions_with_the_shipped_planner_on_held_out_episodes():
     """The shipped planner through prefix reuse on evaluation seeds (never trained on), drafting off and with 3
