@@ -207,8 +207,8 @@ LOSS_METRICS = (("policy_loss", "policy"), ("value_loss", "value"), ("entropy", 
 def rollout_bandwidth(fresh: list[Episode], batch: list[Episode], recipe: PPORecipe, shape) -> dict:
     """EchoRL's bandwidth metrics of one iteration (`thrifty.cost.bandwidth`), in attention FLOPs: b(t) and b_eff =
     b(t) - b(t') over the rollouts' decisions, the learner's passes over the batch (the no-grad pass and `epochs`
-    grad passes per episode, b(len) each), the prefix hit rate, and eta_bw = return / (bw_eff + learner) in return
-    per attention GFLOP."""
+    grad passes per episode, plus the BC reference's pass over each fresh episode: b(len) each), the prefix hit
+    rate, and eta_bw = return / (bw_eff + learner) in return per attention GFLOP."""
     from thrifty.cost.bandwidth import (PrefixHitCounter, attention_flops_per_pair, bandwidth,
                                         bandwidth_efficiency, effective_bandwidth)
 
@@ -221,6 +221,7 @@ def rollout_bandwidth(fresh: list[Episode], batch: list[Episode], recipe: PPORec
             eff += effective_bandwidth(t, r, scale)
             hits.add(t, r)
     learner = sum(bandwidth(len(ep.ids), scale) for ep in batch) * (1 + recipe.epochs)
+    learner += sum(bandwidth(len(ep.ids), scale) for ep in fresh)  # `prepare`'s reference pass, once per episode
     ret = sum(ep.reward for ep in fresh)
     return {"prefix_hit_rate": round(hits.hit_rate, 5), "bw_full": full, "bw_eff": eff, "bw_learner": learner,
             "eta_bw": bandwidth_efficiency(ret, eff, learner) * 1e9}
