@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from thrifty.backbones import fast_llama
 from thrifty.backbones.attention import GQA_SDPA, SDPA_NAMES
 from thrifty.backbones.families import FAMILIES, REFUSED, SUPPORTED_FAMILIES, FamilyTraits
 from thrifty.cost.flops import ModelShape
@@ -89,6 +90,7 @@ class HFDecoder:
         self._softcap = self._traits.config_value(c, self._traits.logit_softcap)
         if getattr(c, "_attn_implementation", None) == "sdpa":  # the same attention, without repeat_kv under masks
             model.set_attn_implementation(GQA_SDPA)
+        self._functional = fast_llama.config_allows(c)  # Llama layers through their weights (fast_llama)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -242,6 +244,9 @@ class HFDecoder:
         pe = self.rotary(h, positions) if position_embeddings is None else position_embeddings
         if self._traits.rotary_by_layer_type:
             pe = pe[self.config.layer_types[i]]
+        layer = self._model.model.layers[i]
+        if self._functional and fast_llama.layer_allows(layer, self.config, h):
+            return fast_llama.run_layer(layer, h, pe, mask, cache)
         kwargs = {self._cache_arg: cache}
         if self._pass_use_cache:
             kwargs["use_cache"] = cache is not None
