@@ -223,6 +223,8 @@ def test_train_planner_refuses_an_unknown_level_and_a_level_without_an_episode_c
     r = runner.invoke(app, ["train", "planner", "--levels", "MemoryS13", "--run-dir", str(tmp_path)])
     assert r.exit_code == 2 and "pass --episodes N" in r.output
     assert not any(tmp_path.iterdir())  # nothing collected or trained
+    r = runner.invoke(app, ["train", "planner", "--init", str(tmp_path), "--run-dir", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "not a planner directory" in r.output and not (tmp_path / "run").exists()
 
 
 def test_train_coop_pruner_refuses_closed_loop_team_sizes_out_of_range(tmp_path):

@@ -52,3 +52,34 @@ def test_schedule_has_a_dagger_phase_after_phase_two():
     assert [dagger_round_at(r, s) for s in (0, 19, 20, 24, 25, 29)] == [None, None, 0, 0, 1, 1]
     assert lr_at(r, 20) < r.dagger_lr and r.total_steps == 30
     assert PlannerRecipe(dagger_rounds=0).fingerprint() == PlannerRecipe().fingerprint()  # resumes phase 2
+
+
+def test_a_run_continued_from_a_planner_starts_at_its_weights_and_trains_on_its_own_rollouts(tmp_path,
+                                                                                             tiny_planner_dir):
+    from safetensors.torch import load_file
+
+    from thrifty.train.planner import train_planner
+
+    recipe = PlannerRecipe(levels=["GoToLocal"], episodes_per_level={"GoToLocal": 4}, steps=0, finetune_steps=0,
+                           dagger_rounds=1, dagger_episodes_per_level=2, dagger_max_steps=8, dagger_steps=2,
+                           init=str(tiny_planner_dir), threads=1)
+    out = train_planner(recipe, tmp_path / "export", tmp_path / "run")
+    card = json.loads((out / "card.json").read_text())
+    assert card["init"]["model"] == str(tiny_planner_dir) and card["training"]["steps"] == 2
+    assert card["dagger"][0]["states_labelled"] > 0
+    before, after = load_file(tiny_planner_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tiny_planner_dir).get_vocab()
+    # the fingerprint follows the start model's weights: another start model never resumes this run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes((tiny_planner_dir / "model.safetensors").read_bytes() + b" ")
+    (other / "tokenizer.json").write_text("{}")
+    assert PlannerRecipe(init=str(other)).fingerprint() != PlannerRecipe(init=str(tiny_planner_dir)).fingerprint()
+
+
+def test_init_from_a_directory_without_a_planner_is_refused(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="not a planner directory"):
+        PlannerRecipe(init=str(tmp_path)).fingerprint()

@@ -15,7 +15,7 @@ from thrifty.cli._app import comma_list, console, fail, train_app
 def train_planner_cmd(
     out: Path = typer.Option(None, help="model directory to write (default: the shipped asset's place)"),
     run_dir: Path = typer.Option(Path("runs/planner"), help="transcripts and resumable checkpoints"),
-    steps: Optional[int] = typer.Option(None, min=1, help="phase-1 (window) optimisation steps (default: the recipe's)"),
+    steps: Optional[int] = typer.Option(None, min=0, help="phase-1 (window) optimisation steps (default: the recipe's)"),
     threads: int = typer.Option(2, min=1, help="torch threads"),
     stop_at: Optional[int] = typer.Option(None, min=1, help="stop at this step of the schedule and export"),
     levels: Optional[str] = typer.Option(None, help="levels to learn, e.g. MemoryS13 (default: the recipe's four "
@@ -25,6 +25,14 @@ def train_planner_cmd(
                                                  "recipe's)"),
     memory_repeat: Optional[int] = typer.Option(None, min=0, help="phase 2 repeats each episode's memory decisions "
                                                 "(MemoryS13's junction) this many extra times (default: 0)"),
+    init: Optional[Path] = typer.Option(None, help="continue from this planner directory (its weights and "
+                                        "tokenizer) instead of a new model; e.g. --steps 0 --finetune-steps 0 "
+                                        "--dagger-rounds 4 runs DAgger on it"),
+    dagger_rounds: Optional[int] = typer.Option(None, min=0, help="phase-3 DAgger rounds (default: the recipe's 0)"),
+    dagger_episodes: Optional[int] = typer.Option(None, min=1, help="planner episodes per level per DAgger round"),
+    dagger_steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps after each DAgger round"),
+    dagger_repeat: Optional[int] = typer.Option(None, min=1, help="DAgger episodes enter the batch pool this many "
+                                                "times"),
 ) -> None:
     """Rebuild the BabyAI-Text planner (behaviour cloning on expert transcripts); resumes from RUN_DIR."""
     from thrifty.bench import SHIPPED_PLANNER
@@ -32,8 +40,20 @@ def train_planner_cmd(
     from thrifty.train.planner import PlannerRecipe, train_planner
 
     recipe = PlannerRecipe(threads=threads)
-    if steps:
+    if steps is not None:
         recipe.steps = steps
+    if init is not None:
+        from thrifty.train.planner import init_weights_hash
+
+        try:
+            init_weights_hash(init)
+        except FileNotFoundError as e:
+            fail(str(e))
+        recipe.init = str(init)
+    for name, value in (("dagger_rounds", dagger_rounds), ("dagger_episodes_per_level", dagger_episodes),
+                        ("dagger_steps", dagger_steps), ("dagger_repeat", dagger_repeat)):
+        if value is not None:
+            setattr(recipe, name, value)
     if finetune_steps is not None:
         recipe.finetune_steps = finetune_steps
     if memory_repeat is not None:

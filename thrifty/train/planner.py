@@ -94,6 +94,9 @@ class PlannerRecipe:
     dagger_lr: float = 5e-4
     dagger_repeat: int = 3
     """DAgger episodes enter the batch pool this many times (they are few next to the expert transcripts)"""
+    init: str | None = None
+    """start from this planner directory's weights and tokenizer instead of a new model (e.g. DAgger rounds on the
+    shipped planner with `steps=0, finetune_steps=0`); its weights' hash enters the fingerprint"""
     seed: int = 0
     checkpoint_every: int = 25
     threads: int = 2
@@ -115,6 +118,8 @@ class PlannerRecipe:
             data.pop(k)
         for k in [k for k in data if k.startswith("dagger_")]:
             data.pop(k)
+        if self.init:  # the start model, by content: a run resumes only on the same weights
+            data["init"] = init_weights_hash(self.init)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def data_fingerprint(self) -> str:
@@ -122,6 +127,19 @@ class PlannerRecipe:
         keys = ("levels", "episodes_per_level", "noise", "noisy_episode_fraction", "seed")
         data = {k: getattr(self, k) for k in keys}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def init_weights_hash(model_dir: str | Path) -> str:
+    """sha256 (16 hex digits) of a planner directory's weights; a clear error when it holds no planner."""
+    d = Path(model_dir)
+    files = sorted(d.glob("*.safetensors"))
+    if not files or not (d / "tokenizer.json").exists():
+        raise FileNotFoundError(f"--init {d}: not a planner directory (it needs *.safetensors and tokenizer.json, "
+                                f"as `thrifty train planner` writes them)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _progress() -> Progress:
@@ -294,6 +312,15 @@ def build_model(recipe: PlannerRecipe, vocab_size: int, tokenizer):
     return LlamaForCausalLM(cfg)
 
 
+def load_start_model(model_dir: str | Path):
+    """(tokenizer, model) of the planner directory a run continues from (`PlannerRecipe.init`)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    init_weights_hash(model_dir)  # the clear error on a directory that holds no planner
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return tokenizer, LlamaForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+
+
 def _cosine(peak: float, step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -384,8 +411,12 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     episodes = collect_transcripts(recipe, run_dir / f"transcripts-{recipe.data_fingerprint()}.jsonl")
-    texts = [Transcript(e["mission"], e["observations"], e["taken"]).text() for e in episodes]
-    tokenizer = train_tokenizer(texts, recipe.vocab_size)
+    if recipe.init:
+        tokenizer, model = load_start_model(recipe.init)
+    else:
+        texts = [Transcript(e["mission"], e["observations"], e["taken"]).text() for e in episodes]
+        tokenizer = train_tokenizer(texts, recipe.vocab_size)
+        model = build_model(recipe, len(tokenizer), tokenizer)
     sequences = [training_sequence(tokenizer, e, recipe.max_train_tokens) for e in episodes]
     n_tokens = sum(len(s[0]) for s in sequences)
     n_labels = sum(sum(1 for v in s[1] if v != -100) for s in sequences)
@@ -393,7 +424,6 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
     if recipe.memory_repeat:  # phase 2 also sees each episode's memory decisions alone, memory_repeat times
         whole_rows = whole_rows + memory_rows(tokenizer, episodes, recipe)
 
-    model = build_model(recipe, len(tokenizer), tokenizer)
     opt = adamw_plain_embeddings(model, recipe.lr, recipe.weight_decay)
     rng = random.Random(recipe.seed)
     ckpt = run_dir / "checkpoint.pt"
@@ -451,6 +481,7 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
                  "expert_success": sum(e["success"] for e in episodes) / len(episodes),
                  "seeds": "training seeds 0..n-1 per level; evaluation uses seeds >= 1e9 (disjoint)"},
         "seed": recipe.seed,
+        "init": {"model": recipe.init, "weights_sha256_16": init_weights_hash(recipe.init)} if recipe.init else None,
         "training": {"steps": step, "schedule_steps": recipe.total_steps, "stopped_early": step < recipe.total_steps, "train_seconds": round(train_seconds, 1),
                      "wall_seconds_this_run": round(time.time() - t_start, 1),
                      "threads": recipe.threads, "final_loss_mean20": sum(losses[-20:]) / max(1, len(losses[-20:]))},
