@@ -223,6 +223,11 @@ def test_train_planner_refuses_an_unknown_level_and_a_level_without_an_episode_c
     r = runner.invoke(app, ["train", "planner", "--levels", "MemoryS13", "--run-dir", str(tmp_path)])
     assert r.exit_code == 2 and "pass --episodes N" in r.output
     assert not any(tmp_path.iterdir())  # nothing collected or trained
+    r = runner.invoke(app, ["train", "planner", "--episodes", "GoToLocal=10,Nowhere=3", "--run-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "LEVEL=N" in r.output and "'Nowhere=3'" in r.output
+    r = runner.invoke(app, ["train", "planner", "--episodes", "GoToLocal=0", "--run-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "N >= 1" in r.output
+    assert not any(tmp_path.iterdir())
     r = runner.invoke(app, ["train", "planner", "--init", str(tmp_path), "--run-dir", str(tmp_path / "run")])
     assert r.exit_code == 2 and "not a planner directory" in r.output and not (tmp_path / "run").exists()
 

@@ -20,7 +20,8 @@ def train_planner_cmd(
     stop_at: Optional[int] = typer.Option(None, min=1, help="stop at this step of the schedule and export"),
     levels: Optional[str] = typer.Option(None, help="levels to learn, e.g. MemoryS13 (default: the recipe's four "
                                          "BabyAI levels)"),
-    episodes: Optional[int] = typer.Option(None, min=1, help="expert episodes per level (default: the recipe's)"),
+    episodes: Optional[str] = typer.Option(None, help="expert episodes per level: N for every level, or "
+                                           "LEVEL=N,... (levels not named keep the recipe's count)"),
     finetune_steps: Optional[int] = typer.Option(None, min=0, help="phase-2 (whole-episode) steps (default: the "
                                                  "recipe's)"),
     memory_repeat: Optional[int] = typer.Option(None, min=0, help="phase 2 repeats each episode's memory decisions "
@@ -65,14 +66,33 @@ def train_planner_cmd(
                 level_id(lv)
         except UnknownLevelError as e:
             fail(str(e))
-        if not episodes and any(lv not in recipe.episodes_per_level for lv in recipe.levels):
-            fail(f"--levels {levels}: pass --episodes N (expert episodes per level); the recipe has counts only "
-                 f"for {', '.join(recipe.episodes_per_level)}")
-    if episodes:
-        recipe.episodes_per_level = {lv: episodes for lv in recipe.levels}
+    counts = _episode_counts(episodes, recipe.levels) if episodes else {}
+    if levels and any(lv not in recipe.episodes_per_level and lv not in counts for lv in recipe.levels):
+        fail(f"--levels {levels}: pass --episodes N (expert episodes per level); the recipe has counts only "
+             f"for {', '.join(recipe.episodes_per_level)}")
+    if counts:
+        recipe.episodes_per_level = {lv: counts.get(lv, recipe.episodes_per_level.get(lv)) for lv in recipe.levels}
     path = train_planner(recipe, out or SHIPPED_PLANNER, run_dir, command="thrifty " + " ".join(sys.argv[1:]),
                          stop_at=stop_at)
     console.print(f"planner written to {path}; measure it with `thrifty bench planner --model {path}`")
+
+
+def _episode_counts(text: str, levels: list[str]) -> dict[str, int]:
+    """--episodes: "N" (every level) or "LEVEL=N,..." (the named levels, each one of `levels`)."""
+    if text.strip().isdigit():
+        n = int(text)
+        if n < 1:
+            fail(f"--episodes must be >= 1, got {n}")
+        return {lv: n for lv in levels}
+    counts = {}
+    for part in text.split(","):
+        name, _, n = part.partition("=")
+        name = name.strip()
+        if name not in levels or not n.strip().isdigit() or int(n) < 1:
+            fail(f"--episodes must be N or LEVEL=N,... with LEVEL one of {', '.join(levels)} and N >= 1, got "
+                 f"{part.strip()!r}")
+        counts[name] = int(n)
+    return counts
 
 
 def _layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
