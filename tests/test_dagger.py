@@ -83,3 +83,38 @@ def test_init_from_a_directory_without_a_planner_is_refused(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not a planner directory"):
         PlannerRecipe(init=str(tmp_path)).fingerprint()
+
+
+def test_targets_name_where_the_observation_shows_the_missions_object():
+    import random
+
+    from thrifty.train.planner import AUX_CLASSES, aux_class, collect_episode
+
+    seen = 0
+    for seed in range(6):
+        e = collect_episode("GoToLocal", seed, 0.0, random.Random(seed))
+        mission = e["mission"].split(" ", 3)[-1]  # "go to the red key" -> "red key"
+        assert len(e["targets"]) == len(e["labels"])
+        for obs, target in zip(e["observations"], e["targets"]):
+            if target is None:
+                continue
+            seen += 1
+            ahead, right = target
+            where = " ".join(p for p in (f"{ahead} ahead" if ahead else "",
+                                         f"{abs(right)} {'right' if right > 0 else 'left'}" if right else "") if p)
+            assert f"{mission} {where}" in obs, (obs, target)
+            assert 0 < aux_class(target) < AUX_CLASSES
+    assert seen and aux_class(None) == 0
+
+
+def test_the_auxiliary_head_trains_and_is_not_exported(tmp_path, tiny_planner_dir):
+    from safetensors.torch import load_file
+
+    from thrifty.train.planner import train_planner
+
+    recipe = PlannerRecipe(levels=["GoToLocal"], episodes_per_level={"GoToLocal": 4}, steps=0, finetune_steps=2,
+                           aux_weight=0.5, init=str(tiny_planner_dir), threads=1)
+    out = train_planner(recipe, tmp_path / "export", tmp_path / "run")
+    assert not any(k.startswith("aux_head") for k in load_file(out / "model.safetensors"))
+    assert "aux_head.weight" in torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    assert PlannerRecipe(aux_weight=0.5).fingerprint() != PlannerRecipe().fingerprint()

@@ -29,6 +29,9 @@ def train_planner_cmd(
     init: Optional[Path] = typer.Option(None, help="continue from this planner directory (its weights and "
                                         "tokenizer) instead of a new model; e.g. --steps 0 --finetune-steps 0 "
                                         "--dagger-rounds 4 runs DAgger on it"),
+    aux_weight: Optional[float] = typer.Option(None, min=0, help="weight of the auxiliary loss naming where the "
+                                               "observation shows the mission's object (whole-episode phases; "
+                                               "default 0: off)"),
     dagger_rounds: Optional[int] = typer.Option(None, min=0, help="phase-3 DAgger rounds (default: the recipe's 0)"),
     dagger_episodes: Optional[int] = typer.Option(None, min=1, help="planner episodes per level per DAgger round"),
     dagger_steps: Optional[int] = typer.Option(None, min=1, help="optimisation steps after each DAgger round"),
@@ -51,7 +54,7 @@ def train_planner_cmd(
         except FileNotFoundError as e:
             fail(str(e))
         recipe.init = str(init)
-    for name, value in (("dagger_rounds", dagger_rounds), ("dagger_episodes_per_level", dagger_episodes),
+    for name, value in (("aux_weight", aux_weight), ("dagger_rounds", dagger_rounds), ("dagger_episodes_per_level", dagger_episodes),
                         ("dagger_steps", dagger_steps), ("dagger_repeat", dagger_repeat)):
         if value is not None:
             setattr(recipe, name, value)

@@ -266,15 +266,10 @@ class BabyAITextEnv(gym.Env):
         from collections import deque
 
         u = self._env.unwrapped
-        instr = getattr(u, "instrs", None)
-        desc = getattr(instr, "desc", None)
-        if desc is None and hasattr(instr, "desc_move"):
-            desc = instr.desc_fixed if u.carrying is not None else instr.desc_move
-        if desc is None:
+        objs = self._mission_objects()
+        if objs is None:
             return None
-        # the objects the verifier matched at reset (find_matching_objs would recompute them from the agent's current
-        # pose, and it rewrites the description the expert reads), where they are now
-        targets = [tuple(int(c) for c in o.cur_pos) for o in desc.obj_set if o.cur_pos is not None]
+        targets = [tuple(int(c) for c in o.cur_pos) for o in objs]
         goals = {(x + dx, y + dy) for x, y in targets for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))}
         start = (int(u.agent_pos[0]), int(u.agent_pos[1]))
 
@@ -294,6 +289,38 @@ class BabyAITextEnv(gym.Env):
                     seen.add((nx, ny))
                     frontier.append(((nx, ny), d + 1))
         return None
+
+    def _mission_objects(self) -> list | None:
+        """The objects the mission's current stage names (GoTo and Pickup: the described ones; PutNext: the one to
+        move, then, once it is carried, the one to put it next to) that lie on the grid, or None when the level's
+        instruction is of another kind. They are the objects the verifier matched at reset: find_matching_objs would
+        recompute them from the agent's current pose, and it rewrites the description the expert reads."""
+        u = self._env.unwrapped
+        instr = getattr(u, "instrs", None)
+        desc = getattr(instr, "desc", None)
+        if desc is None and hasattr(instr, "desc_move"):
+            desc = instr.desc_fixed if u.carrying is not None else instr.desc_move
+        if desc is None:
+            return None
+        return [o for o in desc.obj_set if o.cur_pos is not None]
+
+    def target_in_view(self, observation: str) -> tuple[int, int] | None:
+        """(cells ahead, cells to the right) of the nearest object the mission's current stage names, when the
+        text `observation` of the current state shows it there; None when it shows none of them (out of view,
+        hidden, or a level of another kind). The training target of the planner's auxiliary loss
+        (`PlannerRecipe.aux_weight`)."""
+        u = self._env.unwrapped
+        entries = {e.strip() for e in observation.split(";")}
+        best = None
+        for o in self._mission_objects() or []:
+            vx, vy = u.get_view_coords(int(o.cur_pos[0]), int(o.cur_pos[1]))
+            if not (0 <= vx < _VIEW and 0 <= vy < _VIEW):
+                continue
+            ahead, right = int(_AGENT_Y - vy), int(vx - _AGENT_X)
+            if f"{o.color} {o.type} {_offset(vx, vy)}" in entries and (best is None or
+                                                                       ahead + abs(right) < sum(map(abs, best))):
+                best = (ahead, right)
+        return best
 
     def step(self, action: int):
         if not self.action_space.contains(int(action)):

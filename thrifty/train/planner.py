@@ -69,6 +69,10 @@ class PlannerRecipe:
     as it is"""
     lm_weight: float = 0.25
     """weight of the language-modelling loss on the non-decision tokens, next to the decision loss"""
+    aux_weight: float = 0.0
+    """weight of an auxiliary loss in the whole-episode phases: a linear head on the final hidden state at each
+    decision names where the current observation shows the mission's object (`aux_class`: out of view, or one of
+    the 7 x 7 cells), the binding the decision needs; the head is dropped at export. 0 = off"""
     window_tokens: int = 256
     """phase 1 rows: the mission line + this many consecutive tokens of an episode"""
     window_overlap: int = 64
@@ -118,6 +122,9 @@ class PlannerRecipe:
             data.pop(k)
         for k in [k for k in data if k.startswith("dagger_")]:
             data.pop(k)
+        for k in ("init", "aux_weight"):  # unset: the fingerprint of recipes written before these fields
+            if not data[k]:
+                data.pop(k)
         if self.init:  # the start model, by content: a run resumes only on the same weights
             data["init"] = init_weights_hash(self.init)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -152,10 +159,11 @@ def _progress() -> Progress:
 def collect_episode(level: str, seed: int, noise: float, rng: random.Random) -> dict:
     """One expert episode; `labels[i]` is the expert's action at step i, `taken[i]` what was done, `memory_steps`
     the steps whose expert action depends on something out of view (`BabyAITextEnv.expert_needs_memory`), and
-    `cue_step` the first observation in which the Memory expert saw the cue (None on BabyAI levels)."""
+    `cue_step` the first observation in which the Memory expert saw the cue (None on BabyAI levels), `targets[i]`
+    where observation i shows the mission's object ([ahead, right], or None: `BabyAITextEnv.target_in_view`)."""
     env = BabyAITextEnv(level)
     obs, info = env.reset(seed=seed)
-    observations, taken, labels, memory_steps = [obs], [], [], []
+    observations, taken, labels, memory_steps, targets = [obs], [], [], [], []
     cue_step = None
     done, reward = False, 0.0
     while not done:
@@ -164,6 +172,7 @@ def collect_episode(level: str, seed: int, noise: float, rng: random.Random) -> 
         if env.expert_needs_memory():
             memory_steps.append(len(labels))
         expert = env.expert_action()
+        targets.append(env.target_in_view(observations[-1]))
         action = rng.choice(ACTIONS[:3]) if rng.random() < noise else expert
         obs, reward, terminated, truncated, _ = env.step(ACTIONS.index(action))
         labels.append(expert)
@@ -173,15 +182,15 @@ def collect_episode(level: str, seed: int, noise: float, rng: random.Random) -> 
     env.close()
     return {"level": level, "seed": seed, "mission": info["mission"], "observations": observations[:-1],
             "taken": taken, "labels": labels, "memory_steps": memory_steps, "cue_step": cue_step,
-            "success": reward > 0}
+            "targets": targets, "success": reward > 0}
 
 
 def collect_transcripts(recipe: PlannerRecipe, path: Path) -> list[dict]:
     """Collect (or reload) the recipe's expert transcripts as JSON lines at `path`."""
     if path.exists():
         episodes = [json.loads(line) for line in path.read_text().splitlines()]
-        if all("cue_step" in e for e in episodes):
-            return episodes  # (files written before memory_steps and cue_step existed are collected again)
+        if all("targets" in e for e in episodes):
+            return episodes  # (files written before memory_steps, cue_step and targets existed are collected again)
     rng = random.Random(recipe.seed)
     episodes = []
     total = sum(recipe.episodes_per_level[lv] for lv in recipe.levels)
@@ -290,6 +299,25 @@ def shorten_cue_gap(episode: dict, rng: random.Random) -> dict:
             "memory_steps": [m - n for m in episode["memory_steps"]], "cue_step": cue}
 
 
+AUX_CLASSES = 1 + 7 * 7
+"""0: the mission's object is not shown; 1 + 7 * ahead + (right + 3): shown that many cells ahead (0..6) and to the
+right (-3..3) in the 7x7 view"""
+
+
+def aux_class(target) -> int:
+    if target is None:
+        return 0
+    ahead, right = target
+    return 1 + 7 * ahead + (right + 3)
+
+
+def aux_labels(episode: dict, labels: list[int], action_ids: set[int]) -> list[int]:
+    """Per position of an encoded episode (`encode_episode`'s labels): the auxiliary class of the step decided
+    there (positions whose target is an action word, in order), -100 elsewhere."""
+    steps = iter(episode.get("targets") or [])
+    return [aux_class(next(steps, None)) if y in action_ids else -100 for y in labels]
+
+
 def training_rows(sequences, recipe: PlannerRecipe, phase: str) -> list[Row]:
     """Phase "windows" cuts every sequence into windows; "whole" keeps them whole."""
     if phase == "whole":
@@ -319,6 +347,15 @@ def load_start_model(model_dir: str | Path):
     init_weights_hash(model_dir)  # the clear error on a directory that holds no planner
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     return tokenizer, LlamaForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def collate_aux(rows: list[list[int] | None], shape: torch.Size) -> torch.Tensor:
+    """[B, T] auxiliary labels of a batch, right-padded with -100 (a row without them: all -100)."""
+    out = torch.full(tuple(shape), -100, dtype=torch.long)
+    for r, labels in enumerate(rows):
+        if labels:
+            out[r, :len(labels)] = torch.tensor(labels)
+    return out
 
 
 def _cosine(peak: float, step: int, warmup: int, total: int) -> float:
@@ -424,6 +461,13 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
     if recipe.memory_repeat:  # phase 2 also sees each episode's memory decisions alone, memory_repeat times
         whole_rows = whole_rows + memory_rows(tokenizer, episodes, recipe)
 
+    aux_head, aux_of = None, {}
+    if recipe.aux_weight:  # whole rows' auxiliary labels by row index (memory and DAgger rows carry none)
+        action_ids = {tokenizer.encode(f" {w}", add_special_tokens=False)[0] for w in ACTIONS}
+        aux_of = {i: aux_labels(e, s[1], action_ids) for i, (e, s) in enumerate(zip(episodes, sequences))}
+        torch.manual_seed(recipe.seed + 1)
+        aux_head = torch.nn.Linear(model.config.hidden_size, AUX_CLASSES)
+        model.add_module("aux_head", aux_head)  # trained, checkpointed and resumed with the model; dropped at export
     opt = adamw_plain_embeddings(model, recipe.lr, recipe.weight_decay)
     rng = random.Random(recipe.seed)
     ckpt = run_dir / "checkpoint.pt"
@@ -449,10 +493,15 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
             if not batches:
                 batches = make_batches(pool, tokens_per_batch_at(recipe, step), rng)
             t0 = time.time()
-            batch = collate_rows(pool, batches.pop(), tokenizer.pad_token_id)
+            idx = batches.pop()
+            batch = collate_rows(pool, idx, tokenizer.pad_token_id)
             for g in opt.param_groups:
                 g["lr"] = lr_at(recipe, step)
-            loss = row_loss(model, batch, recipe.lm_weight)
+            if aux_head is not None and pool is not window_rows:
+                aux = collate_aux([aux_of.get(i) for i in idx], batch[0].shape)
+                loss = row_loss(model, batch, recipe.lm_weight, aux=(aux_head, aux, recipe.aux_weight))
+            else:
+                loss = row_loss(model, batch, recipe.lm_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -465,6 +514,8 @@ def train_planner(recipe: PlannerRecipe, out_dir: Path, run_dir: Path, command: 
                 save_checkpoint(ckpt, recipe.fingerprint(), model, opt, rng, step, losses, train_seconds)
 
     # 5. save the model directory and its card
+    if aux_head is not None:
+        del model.aux_head
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -73,12 +73,17 @@ def collate_rows(rows: list[Row], idx: list[int], pad_id: int):
     return ids, dec, lm, pos, mask
 
 
-def row_loss(model, batch, lm_weight: float) -> torch.Tensor:
-    """Decision cross-entropy + `lm_weight` x language-modelling cross-entropy on one collated batch."""
+def row_loss(model, batch, lm_weight: float, aux=None) -> torch.Tensor:
+    """Decision cross-entropy + `lm_weight` x language-modelling cross-entropy on one collated batch; with
+    `aux = (head, labels [B, T], weight)`, + weight x cross-entropy of `head` on the final hidden states."""
     ids, dec, lm, pos, mask = batch
     ce = torch.nn.functional.cross_entropy
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.flatten(0, 1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=aux is not None)
+    logits = out.logits.flatten(0, 1)
     loss = logits.sum() * 0.0
+    if aux is not None and bool((aux[1] != -100).any()):
+        head, labels, weight = aux
+        loss = loss + weight * ce(head(out.hidden_states[-1]).flatten(0, 1), labels.flatten(), ignore_index=-100)
     if lm_weight and bool((lm != -100).any()):  # a batch of DAgger rows holds no language-modelling target
         loss = loss + lm_weight * ce(logits, lm.flatten(), ignore_index=-100)
     if bool((dec != -100).any()):  # a batch of windows may hold no decision
