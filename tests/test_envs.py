@@ -205,3 +205,27 @@ def test_the_rendering_refuses_what_it_cannot_show(monkeypatch):
     ok = gym.make("BabyAI-GoToObj-v0")
     ok.reset(seed=0)
     assert unexpressed(ok.unwrapped) is None
+
+
+def test_a_lost_expert_does_not_end_the_episode_and_says_why(monkeypatch):
+    """minigrid's bot gives up when the agent opens a box (DisappearedBoxError); the episode goes on, and only a
+    caller that asks for the expert's action gets the error."""
+    import pytest
+    from minigrid.utils.baby_ai_bot import DisappearedBoxError
+
+    from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv, ExpertLostError
+
+    env = BabyAITextEnv("GoToLocal")
+    env.reset(seed=3)
+
+    def gives_up(action_taken):
+        raise DisappearedBoxError("A box was opened. I am not sure I can help now.")
+
+    monkeypatch.setattr(env._bot, "replan", gives_up)
+    for _ in range(3):
+        text, *_ = env.step(ACTIONS.index("left"))
+        assert text.startswith("facing")
+    with pytest.raises(ExpertLostError, match="DisappearedBoxError: 'A box was opened"):
+        env.expert_action()
+    env.reset(seed=3)  # a new episode has a new expert
+    assert env.expert_action() in ACTIONS

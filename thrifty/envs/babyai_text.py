@@ -129,6 +129,12 @@ def episode_keys(level: str, seeds) -> list[str]:
     return keys
 
 
+class ExpertLostError(RuntimeError):
+    """The expert cannot act from the current state: minigrid's BabyAIBot gives up once the agent (not the bot) has
+    done something its plan cannot follow, e.g. opened a box, which makes the box disappear. The episode itself
+    goes on; only expert labels end there."""
+
+
 def _offset(i: int, j: int) -> str:
     """Cell (i, j) of the view -> 'N ahead M left' relative to the agent."""
     ahead, right = _AGENT_Y - j, i - _AGENT_X
@@ -233,6 +239,7 @@ class BabyAITextEnv(gym.Env):
         else:
             self._bot = BabyAIBot(unwrapped)
         self._expert_next: str | None = None
+        self._expert_lost: str | None = None
         self._last_taken: int | None = None
         text = render_observation(obs["image"], int(obs["direction"]))
         return text, {**info, "mission": self.mission}
@@ -241,8 +248,14 @@ class BabyAITextEnv(gym.Env):
         """The expert's next action word for the current state (BabyAIBot)."""
         if self._bot is None:
             raise RuntimeError("call reset() before expert_action()")
+        if self._expert_lost:
+            raise ExpertLostError(f"the expert cannot act from this state ({self._expert_lost})")
         if self._expert_next is None:
-            self._expert_next = ACTIONS[int(self._bot.replan(self._last_taken))]
+            try:
+                self._expert_next = ACTIONS[int(self._bot.replan(self._last_taken))]
+            except Exception as e:  # the bot's own errors (DisappearedBoxError, assertions on its plan)
+                self._expert_lost = f"{type(e).__name__}: {e}"
+                raise ExpertLostError(f"the expert cannot act from this state ({self._expert_lost})") from e
         return self._expert_next
 
     def expert_needs_memory(self) -> bool:
@@ -325,8 +338,9 @@ class BabyAITextEnv(gym.Env):
     def step(self, action: int):
         if not self.action_space.contains(int(action)):
             raise ValueError(f"action must be an index in [0, {len(ACTIONS)}), got {action!r}")
-        if self._bot is not None and self._expert_next is None:
-            self.expert_action()  # keep the bot's internal plan in step with the world
+        if self._bot is not None and self._expert_next is None and not self._expert_lost:
+            with contextlib.suppress(ExpertLostError):  # a lost expert does not end the episode
+                self.expert_action()  # keep the bot's internal plan in step with the world
         obs, reward, terminated, truncated, info = self._env.step(int(action))
         self._last_taken = int(action)
         self._expert_next = None

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from thrifty.agents.planner import DEFAULT_ACTION, PlannerContext, TextPlanner, parse_action
-from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv, train_seed
+from thrifty.envs.babyai_text import ACTIONS, BabyAITextEnv, ExpertLostError, train_seed
 
 DAGGER_SEED_BASE = 200_000
 """DAgger round r plays training seeds DAGGER_SEED_BASE + r * 100_000 + i: disjoint from the expert transcripts'
@@ -39,8 +39,12 @@ def rollout_with_labels(planner: TextPlanner, level: str, seed: int, max_steps: 
     observations, taken, labels = [], [], []
     done, reward = False, 0.0
     while not done:
+        try:
+            label = env.expert_action()
+        except ExpertLostError:  # the planner did what the bot cannot follow (opened a box): labels end here
+            break
         context.add_observation(obs)
-        labels.append(env.expert_action())
+        labels.append(label)
         text, _ = planner.decide(context)
         action = parse_action(text) or DEFAULT_ACTION
         context.add_action(action)

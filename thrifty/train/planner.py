@@ -42,7 +42,7 @@ class PlannerRecipe:
     levels: list[str] = field(default_factory=lambda: list(LEVELS))
     """levels to collect expert transcripts on"""
     episodes_per_level: dict[str, int] = field(default_factory=lambda: {
-        "GoToLocal": 2000, "PickupLoc": 2500, "PutNextLocal": 2000, "GoToObjMazeS4": 1200})
+        "GoToLocal": 6000, "PickupLoc": 6000, "PutNextLocal": 3000, "GoToObjMazeS4": 1500})
     """expert episodes per level (training seeds 0..n-1 of each level)"""
     noise: float = 0.15
     """probability that a random move (left/right/forward) is taken instead of the expert's action"""
@@ -77,12 +77,12 @@ class PlannerRecipe:
     """phase 1 rows: the mission line + this many consecutive tokens of an episode"""
     window_overlap: int = 64
     """consecutive windows overlap by this much; each decision label is trained in exactly one window"""
-    steps: int = 1400
+    steps: int = 4000
     """phase 1 (windows) optimisation steps"""
     lr: float = 2e-3
     warmup_steps: int = 50
     weight_decay: float = 0.05
-    finetune_steps: int = 500
+    finetune_steps: int = 1500
     """phase 2: whole episodes after `steps` of windows"""
     finetune_tokens_per_batch: int = 2_500
     finetune_lr: float = 1e-3
