@@ -54,8 +54,9 @@ def train_planner_cmd(
         except FileNotFoundError as e:
             fail(str(e))
         recipe.init = str(init)
-    for name, value in (("aux_weight", aux_weight), ("dagger_rounds", dagger_rounds), ("dagger_episodes_per_level", dagger_episodes),
-                        ("dagger_steps", dagger_steps), ("dagger_repeat", dagger_repeat)):
+    for name, value in (("aux_weight", aux_weight), ("dagger_rounds", dagger_rounds),
+                        ("dagger_episodes_per_level", dagger_episodes), ("dagger_steps", dagger_steps),
+                        ("dagger_repeat", dagger_repeat)):
         if value is not None:
             setattr(recipe, name, value)
     if finetune_steps is not None:
